@@ -1,0 +1,94 @@
+"""Forward hooks on the MLPs of a causal LM: read their inputs and outputs, or replace outputs.
+
+One forward pass serves every hooked layer. When only reading, the pass stops after the highest
+hooked layer, so the layers above it (and the unembedding) cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .model import mlp_modules
+
+
+class _StopForward(Exception):
+    """Raised by the last reading hook to skip the rest of the forward pass."""
+
+
+@contextmanager
+def capture_mlp_io(
+    model: nn.Module, layers: Sequence[int]
+) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Record ``(mlp_input, mlp_output)`` of ``layers`` during forward passes inside the block.
+
+    Use :func:`run_to_layers` to run the model: it stops after the highest recorded layer.
+    """
+    mlps = mlp_modules(model)
+    _check_layers(layers, len(mlps))
+    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    top = max(layers)
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(_module, inputs, output):
+            store[layer] = (inputs[0].detach(), output.detach())
+            if layer == top and getattr(model, "_sct_stop_early", False):
+                raise _StopForward
+
+        return hook
+
+    for layer in layers:
+        handles.append(mlps[layer].register_forward_hook(make_hook(layer)))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_to_layers(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Forward pass that stops once the highest layer hooked by :func:`capture_mlp_io` has run."""
+    model._sct_stop_early = True
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        model._sct_stop_early = False
+
+
+@contextmanager
+def replace_mlp_outputs(
+    model: nn.Module, replacements: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+) -> Iterator[None]:
+    """Replace MLP outputs: ``replacements[layer](mlp_input, mlp_output) -> new_output``."""
+    mlps = mlp_modules(model)
+    _check_layers(list(replacements), len(mlps))
+    handles = []
+
+    def make_hook(fn):
+        def hook(_module, inputs, output):
+            return fn(inputs[0], output).to(output.dtype)
+
+        return hook
+
+    for layer, fn in replacements.items():
+        handles.append(mlps[layer].register_forward_hook(make_hook(fn)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_layers(layers: Sequence[int], n_layers: int) -> None:
+    if len(layers) == 0:
+        raise ValueError("No layers given.")
+    bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
+    if bad:
+        raise ValueError(f"Layers {bad} do not exist: the model has MLP layers 0..{n_layers - 1}.")

@@ -1,0 +1,325 @@
+"""Causal language models that read cell sentences: loading, identity, MLP layout, prediction.
+
+Any Hugging Face causal LM works: given as an object, a local directory or a hub id. GPT-NeoX
+(Pythia, parallel residual, as in Cell2Sentence) is first-class; GPT-2 and Llama-family layouts are
+supported for hooking MLPs. No AnnData here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .sentences import PromptSettings
+from .tokens import TokenizedPrompts, tokenize_prompts
+
+logger = logging.getLogger(__name__)
+
+#: The C2S model a user with network access most likely wants.
+DEFAULT_C2S_MODEL = "vandijklab/C2S-Pythia-410m-cell-type-prediction"
+#: File (next to ``config.json``) in which a model directory records its prompt settings.
+SETTINGS_FILE = "sctranscoder.json"
+
+
+@dataclass
+class C2SModel:
+    """A causal LM with its tokenizer and the prompt settings it expects.
+
+    Attributes
+    ----------
+    model
+        The Hugging Face causal LM (eval mode, gradients off).
+    tokenizer
+        Its fast tokenizer.
+    settings
+        Prompt settings (genes per sentence, template, organism).
+    name
+        Hub id, local path, or a name given by the user.
+    labels
+        Cell types the model was trained to answer, when known.
+    info
+        Free-form facts recorded with the model (training data, metrics).
+    """
+
+    model: nn.Module
+    tokenizer: object
+    settings: PromptSettings = field(default_factory=PromptSettings)
+    name: str = "unnamed"
+    labels: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_layers(self) -> int:
+        return len(mlp_modules(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the config and weights that identifies this model."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def tokenize(self, gene_lists: Sequence[Sequence[str]]) -> TokenizedPrompts:
+        """Prompts for ``gene_lists``, tokenised, with the gene of each token."""
+        return tokenize_prompts(
+            self.tokenizer, gene_lists, self.settings, max_length=self.max_length
+        )
+
+    @torch.no_grad()
+    def predict(
+        self,
+        gene_lists: Sequence[Sequence[str]],
+        *,
+        batch_size: int = 32,
+        max_new_tokens: int = 24,
+    ) -> list[str]:
+        """Greedy answer (the cell type) for each gene list."""
+        out: list[str] = []
+        for start in range(0, len(gene_lists), batch_size):
+            batch = self.tokenize(gene_lists[start : start + batch_size])
+            out.extend(greedy_answers(self, batch, max_new_tokens=max_new_tokens))
+        return out
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    stop = set()
+    if tokenizer.eos_token_id is not None:
+        stop.add(int(tokenizer.eos_token_id))
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    if len(newline) == 1:
+        stop.add(int(newline[0]))
+    return stop
+
+
+def greedy_answers(m: C2SModel, batch: TokenizedPrompts, *, max_new_tokens: int) -> list[str]:
+    """Decode greedily after each prompt of a right-padded batch, until EOS or a newline.
+
+    Prompts are left-aligned into a left-padded batch so all continue at the same position; the
+    position ids follow each prompt's own length, so padding does not change the answer.
+    """
+    device = m.device
+    lengths = batch.lengths.tolist()
+    n, longest = len(lengths), max(lengths)
+    pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((n, longest), pad, dtype=torch.long)
+    mask = torch.zeros((n, longest), dtype=torch.long)
+    for i, L in enumerate(lengths):
+        ids[i, longest - L :] = batch.input_ids[i, :L]
+        mask[i, longest - L :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    stop = _stop_ids(m.tokenizer)
+    generated = torch.empty((n, 0), dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    past = None
+    cur_ids, cur_mask = ids, mask
+    for _ in range(max_new_tokens):
+        position_ids = (cur_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids[:, -cur_ids.shape[1] :]
+        out = m.model(
+            input_ids=cur_ids,
+            attention_mask=cur_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        generated = torch.cat([generated, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, torch.as_tensor(sorted(stop), device=device))
+        if bool(done.all()):
+            break
+        cur_mask = torch.cat([cur_mask, torch.ones((n, 1), dtype=cur_mask.dtype, device=device)], 1)
+        cur_ids = nxt[:, None]
+    answers = []
+    for row in generated.tolist():
+        toks = []
+        for t in row:
+            if t in stop or t == pad:
+                break
+            toks.append(t)
+        answers.append(m.tokenizer.decode(toks).strip())
+    return answers
+
+
+def mlp_modules(model: nn.Module) -> list[nn.Module]:
+    """The MLP module of every transformer block, bottom to top.
+
+    Supports GPT-NeoX/Pythia (``gpt_neox.layers[i].mlp``), GPT-2 (``transformer.h[i].mlp``) and
+    Llama-family (``model.layers[i].mlp``) layouts, and any model whose blocks sit in one
+    ``nn.ModuleList`` of modules with an ``mlp`` attribute. For all of these the MLP's input is the
+    normalised residual stream (for GPT-NeoX, ``post_attention_layernorm`` of the layer input).
+    """
+    for path in ("gpt_neox.layers", "transformer.h", "model.layers", "layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList) and all(hasattr(b, "mlp") for b in obj):
+            return [b.mlp for b in obj]
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and all(hasattr(b, "mlp") for b in mod):
+            return [b.mlp for b in mod]
+    raise ValueError(
+        f"Could not find transformer blocks with an `mlp` in {type(model).__name__}; supported "
+        "layouts are GPT-NeoX/Pythia, GPT-2 and Llama-family causal LMs."
+    )
+
+
+def model_fingerprint(model: nn.Module, *, sample: int = 65536) -> str:
+    """Hash of the model's config and weights (a strided sample of each tensor, plus shapes).
+
+    Sampling keeps this fast for large models while any retraining or change of architecture
+    changes the hash.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        d = config.to_dict()
+        for volatile in (
+            "_name_or_path",
+            "transformers_version",
+            "torch_dtype",
+            "dtype",
+            "_attn_implementation_autoset",
+            "_attn_implementation",
+            "attn_implementation",
+            "use_cache",
+            "output_attentions",
+            # set by save_pretrained: saving must not change the fingerprint
+            "architectures",
+        ):
+            d.pop(volatile, None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        vals = flat[::step].to("cpu", torch.float32).numpy()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(np.ascontiguousarray(vals).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(
+    model: str | Path | nn.Module | C2SModel | None = None,
+    *,
+    tokenizer=None,
+    settings: PromptSettings | dict | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    name: str | None = None,
+) -> C2SModel:
+    """Load a causal LM that reads cell sentences.
+
+    Parameters
+    ----------
+    model
+        A :class:`C2SModel`, a Hugging Face model object (pass ``tokenizer`` too), a local
+        directory, or a hub id (default :data:`DEFAULT_C2S_MODEL`; needs network or the HF cache).
+        ``trust_remote_code`` is never enabled.
+    tokenizer
+        Tokenizer for a model object, or to override the one stored with the model.
+    settings
+        Prompt settings; default: those recorded with the model (``sctranscoder.json``) or the
+        C2S defaults.
+    device, dtype
+        Where and in which precision to hold the model (default: CPU, stored precision).
+    name
+        Name recorded with results (default: the path or hub id).
+    """
+    if isinstance(model, C2SModel):
+        m = model
+        if settings is not None:
+            m.settings = (
+                settings
+                if isinstance(settings, PromptSettings)
+                else PromptSettings.from_dict(settings)
+            )
+        if device is not None or dtype is not None:
+            m.model.to(device=device, dtype=dtype)
+        return m
+    if model is None:
+        model = DEFAULT_C2S_MODEL
+    recorded: dict = {}
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ValueError("Pass `tokenizer=` together with a model object.")
+        hf = model
+        model_name = (
+            name or getattr(getattr(hf, "config", None), "_name_or_path", "") or type(hf).__name__
+        )
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = str(model)
+        local = Path(source).expanduser()
+        is_local = local.is_dir()
+        if not is_local and (local.exists() or source.startswith((".", "/", "~"))):
+            raise FileNotFoundError(
+                f"{source!r} is not a model directory. Pass a directory written by "
+                "`save_pretrained`, a Hugging Face hub id, or use sct.datasets.tiny_c2s()."
+            )
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(
+                str(local) if is_local else source, trust_remote_code=False, dtype=dtype
+            )
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    str(local) if is_local else source, trust_remote_code=False
+                )
+        except OSError as err:
+            if is_local:
+                raise
+            raise OSError(
+                f"Could not load {source!r} from the Hugging Face Hub or the local cache ({err}). "
+                "Without network, download the model elsewhere and pass its directory, or use the "
+                "embedded model: `sct.datasets.tiny_c2s()`."
+            ) from err
+        model_name = name or (str(local.resolve()) if is_local else source)
+        if is_local and (local / SETTINGS_FILE).exists():
+            recorded = json.loads((local / SETTINGS_FILE).read_text())
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("A fast tokenizer is needed (it gives the character offsets of tokens).")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if settings is None:
+        settings = PromptSettings.from_dict(recorded.get("prompt", {}))
+    elif isinstance(settings, dict):
+        settings = PromptSettings.from_dict(settings)
+    hf.eval()
+    hf.requires_grad_(False)
+    if device is not None:
+        hf.to(device)
+    mlp_modules(hf)  # fail early on an unsupported layout
+    return C2SModel(
+        model=hf,
+        tokenizer=tokenizer,
+        settings=settings,
+        name=model_name,
+        labels=list(recorded.get("labels", [])),
+        info=dict(recorded.get("info", {})),
+    )

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .._constants import Key
+from .._store import sct_uns
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def feature_names(layer: int, n_features: int) -> list[str]:
+    """Names of a layer's features: ``"L<layer>F<index>"``."""
+    return [f"L{layer}F{j}" for j in range(n_features)]
+
+
+def activations(adata: AnnData, layer: int, *, key: str = Key.uns) -> AnnData:
+    """Cells x features AnnData of one layer's feature activations, ready for scanpy plots.
+
+    ``X`` holds the activations (CSR), ``obs`` and every ``obsm`` embedding (e.g. ``X_umap``) and
+    ``*_colors`` entry of ``uns`` are copied from ``adata``, so ``sc.pl.umap(fa, color=...)``
+    overlays features on the UMAP. ``var`` has ``layer``, ``feature``, ``firing_rate`` (fraction
+    of prompt tokens on which the feature fires), ``frac_cells`` (fraction of cells in which it is
+    active) and ``mean_activation``.
+
+    Parameters
+    ----------
+    adata
+        Annotated data after :func:`sctranscoder.tl.feature_activations`.
+    layer
+        Layer index.
+    key
+        ``adata.uns`` key of the transcoders.
+    """
+    import anndata as ad
+
+    record = sct_uns(adata, key)
+    if "activations" not in record:
+        raise KeyError(
+            f"No activations under adata.uns[{key!r}]: run `sct.tl.feature_activations(adata)`."
+        )
+    acts = record["activations"]
+    name = Key.layer(int(layer))
+    if name not in acts["obsm_keys"]:
+        available = sorted(int(k.split("_")[1]) for k in acts["obsm_keys"])
+        raise KeyError(f"No activations for layer {layer}; available layers: {available}.")
+    X = adata.obsm[acts["obsm_keys"][name]]
+    n_features = X.shape[1]
+    firing = np.asarray(acts["firing_rate"][name])
+    var = pd.DataFrame(
+        {
+            "layer": np.full(n_features, int(layer)),
+            "feature": np.arange(n_features),
+            "firing_rate": firing,
+            "frac_cells": np.asarray((X > 0).mean(0)).ravel(),
+            "mean_activation": np.asarray(X.mean(0)).ravel(),
+        },
+        index=feature_names(int(layer), n_features),
+    )
+    out = ad.AnnData(X=X.copy(), obs=adata.obs.copy(), var=var)
+    for k, v in adata.obsm.items():
+        if not k.startswith(f"X_{key}_L"):
+            out.obsm[k] = v.copy()
+    for k, v in adata.uns.items():
+        if k.endswith("_colors"):
+            out.uns[k] = v.copy() if hasattr(v, "copy") else v
+    return out
