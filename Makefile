@@ -22,7 +22,7 @@ $(BIN)/python:
 # Re-install only when pyproject.toml changes; the package itself is editable.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install -e ".[test,dev]"
+	$(BIN)/python -m pip install -e ".[test,dev,spatial]"
 	touch $@
 
 test: setup
@@ -32,8 +32,8 @@ quickstart: setup
 	$(BIN)/python scripts/quickstart.py --out outputs/quickstart
 
 lint: setup
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
 
 # Retrain the embedded model (deterministic; minutes on 2 CPU cores). Commit the result.
 tiny-c2s: setup

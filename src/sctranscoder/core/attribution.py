@@ -177,6 +177,12 @@ class Attributor:
         tc = self.rm.transcoders[layer]
         return ln2[layer][b, pos] @ tc.W_enc[feat] + tc.b_enc[feat]
 
+    def _depth(self, node: int) -> int:
+        """Layer whose MLP input the node reads (``n_layers`` for a logit target)."""
+        if node == self.target_node and self.target.kind == "logit":
+            return self.n_layers
+        return int(self.layer[node])
+
     def target_value(self) -> float:
         with torch.no_grad():
             return float(self._node_scalar(self.target_node, self._ln2, self._logits, 0))
@@ -187,14 +193,19 @@ class Attributor:
         biases = np.zeros(len(nodes))
         values = np.zeros(len(nodes))
         f = self.rm.frozen
+        # batches of similar depth: the forward stops after the deepest target of the batch
+        order = sorted(range(len(nodes)), key=lambda j: self._depth(nodes[j]))
         for start in range(0, len(nodes), self.batch_size):
-            chunk = nodes[start : start + self.batch_size]
+            where = order[start : start + self.batch_size]
+            chunk = [nodes[j] for j in where]
             B = len(chunk)
             emb, vals, errs = self._sources(B)
             leaves = [emb, *vals.values(), *errs.values()]
             for x in leaves:
                 x.requires_grad_(True)
-            ln2, logits = self.rm.linear_forward(emb, vals, errs)
+            deepest = max(self._depth(n) for n in chunk)
+            upto = None if deepest >= self.n_layers else deepest
+            ln2, logits = self.rm.linear_forward(emb, vals, errs, upto=upto)
             total = sum(self._node_scalar(n, ln2, logits, b) for b, n in enumerate(chunk))
             grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
             g_emb = grads[0]
@@ -209,12 +220,10 @@ class Attributor:
                     pos, slot, off = self.slots[i]
                     contrib = g_vals[i] * f.values[i]  # (B, T, k)
                     rows[:, off : off + pos.numel()] = contrib[:, pos, slot]
-                out[start : start + B] = rows.cpu().numpy()
-                for b, n in enumerate(chunk):
-                    biases[start + b] = float(
-                        self._node_scalar(n, self._bias_ln2, self._bias_logits, 0)
-                    )
-                    values[start + b] = float(self._node_scalar(n, self._ln2, self._logits, 0))
+                out[where] = rows.cpu().numpy()
+                for j, n in zip(where, chunk, strict=True):
+                    biases[j] = float(self._node_scalar(n, self._bias_ln2, self._bias_logits, 0))
+                    values[j] = float(self._node_scalar(n, self._ln2, self._logits, 0))
         return out, biases, values
 
 

@@ -156,7 +156,8 @@ class ReplacementModel:
         errors: dict[int, torch.Tensor],
         *,
         with_bias: bool = True,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        upto: int | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Forward of the frozen model from sources with a batch dimension ``B``.
 
         Parameters
@@ -169,6 +170,9 @@ class ReplacementModel:
         with_bias
             ``False`` drops every constant term (biases, LayerNorm shifts, decoder biases), so the
             outputs are exactly the sources' linear effects.
+        upto
+            Stop once layer ``upto``'s MLP input is known (no logits): enough for targets that
+            are features of layers ``<= upto``.
 
         Returns
         -------
@@ -198,6 +202,8 @@ class ReplacementModel:
             if with_bias:
                 x2 = x2 + ln2.bias
             ln2_inputs.append(x2)
+            if upto is not None and i == upto:
+                return ln2_inputs, None
             tc = self.transcoders[i]
             idx = f.indices[i][None].expand(B, -1, -1)
             mlp = F.embedding_bag(
