@@ -428,3 +428,29 @@ def _filter_sizes(
             f"genes ({detail}); change min_size/max_size or the source"
         )
     return kept
+
+
+def gene_sets_in_background(
+    source: object,
+    background: Iterable[str],
+    *,
+    adata: AnnData | None = None,
+    min_size: int = 5,
+    max_size: int = 500,
+    allow_network: bool = False,
+) -> dict[str, list[str]]:
+    """:func:`gene_sets`, each set cut to the ``background`` genes, then filtered by size.
+
+    Raises a ``ValueError`` when no set keeps ``min_size`` to ``max_size`` background genes
+    (usually different symbols or organism).
+    """
+    bg = set(background)
+    sets = gene_sets(source, adata=adata, min_size=1, max_size=10**9, allow_network=allow_network)
+    sets = {k: [g for g in v if g in bg] for k, v in sets.items()}
+    sets = {k: v for k, v in sets.items() if min_size <= len(v) <= max_size}
+    if not sets:
+        raise ValueError(
+            f"No gene set has between {min_size} and {max_size} genes among the {len(bg)} "
+            "background genes: check the organism and symbols, or the size limits."
+        )
+    return sets

@@ -2,6 +2,14 @@
 
 from ._activations import activations, feature_names
 from ._circuit import circuit
+from ._features import feature_table
 from ._tables import metrics, transcoders
 
-__all__ = ["activations", "circuit", "feature_names", "metrics", "transcoders"]
+__all__ = [
+    "activations",
+    "circuit",
+    "feature_names",
+    "feature_table",
+    "metrics",
+    "transcoders",
+]

@@ -22,7 +22,8 @@ def activations(adata: AnnData, layer: int, *, key: str = Key.uns) -> AnnData:
 
     ``X`` holds the activations (CSR), ``obs`` and every ``obsm`` embedding (e.g. ``X_umap``) and
     ``*_colors`` entry of ``uns`` are copied from ``adata``, so ``sc.pl.umap(fa, color=...)``
-    overlays features on the UMAP. ``var`` has ``layer``, ``feature``, ``firing_rate`` (fraction
+    overlays features on the UMAP; so is a :func:`~sctranscoder.tl.rank_features_groups` result of
+    this layer alone, so ``sc.pl.rank_genes_groups_dotplot(fa, key=...)`` works. ``var`` has ``layer``, ``feature``, ``firing_rate`` (fraction
     of prompt tokens on which the feature fires), ``frac_cells`` (fraction of cells in which it is
     active) and ``mean_activation``.
 
@@ -67,4 +68,16 @@ def activations(adata: AnnData, layer: int, *, key: str = Key.uns) -> AnnData:
     for k, v in adata.uns.items():
         if k.endswith("_colors"):
             out.uns[k] = v.copy() if hasattr(v, "copy") else v
+        elif _ranks_this_layer(v, key, int(layer)):
+            # a feature ranking of this layer alone: scanpy's rank_genes_groups plots then work
+            out.uns[k] = v
     return out
+
+
+def _ranks_this_layer(value, key: str, layer: int) -> bool:
+    """Whether ``value`` is a :func:`~sctranscoder.tl.rank_features_groups` result of ``layer`` alone."""
+    if not isinstance(value, dict) or not isinstance(value.get("params"), dict):
+        return False
+    params = value["params"]
+    layers = np.atleast_1d(np.asarray(params.get("layers", [])))
+    return str(params.get("sct_key", "")) == key and layers.size == 1 and int(layers[0]) == layer

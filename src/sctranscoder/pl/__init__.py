@@ -2,5 +2,11 @@
 
 from ._activations import activations
 from ._circuit import circuit, circuit_genes
+from ._interpretability import interpretability
 
-__all__ = ["activations", "circuit", "circuit_genes"]
+__all__ = [
+    "activations",
+    "circuit",
+    "circuit_genes",
+    "interpretability",
+]

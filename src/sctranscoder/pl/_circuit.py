@@ -9,6 +9,7 @@ import pandas as pd
 
 from .._constants import Key
 from .._store import circuit_record
+from ._utils import finish
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -155,7 +156,7 @@ def circuit(
         title if title is not None else _title(record, len(nodes), len(edges)), fontsize=10
     )
     _legend(ax)
-    return _finish(fig, ax, show, save)
+    return finish(fig, ax, show, save)
 
 
 def circuit_genes(
@@ -221,7 +222,7 @@ def circuit_genes(
     )
     target = _target_label(record.get("params", {}))
     ax.set_title(f"Top genes · {record.get('params', {}).get('cell', key)} → {target}", fontsize=10)
-    return _finish(ax.figure, ax, show, save)
+    return finish(ax.figure, ax, show, save)
 
 
 def _drawn(nodes: pd.DataFrame, edges: pd.DataFrame, max_nodes: int):
@@ -448,22 +449,3 @@ def _title(record: dict, n_nodes: int, n_edges: int) -> str:
         if k in scores
     ]
     return head + "\n" + " · ".join([*parts, shown])
-
-
-def _finish(fig, ax, show: bool | None, save):
-    import matplotlib.pyplot as plt
-
-    if save is not None:
-        path = os.fspath(save)
-        ext = os.path.splitext(path)[1].lstrip(".").lower()
-        if ext not in fig.canvas.get_supported_filetypes():
-            raise ValueError(f"Cannot save to {path!r}: give a path ending in .png, .svg or .pdf.")
-        fig.savefig(path, bbox_inches="tight", dpi=150)
-    if show is None:
-        from scanpy import settings
-
-        show = settings.autoshow
-    if show:
-        plt.show()
-        return None
-    return ax

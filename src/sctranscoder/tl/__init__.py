@@ -1,14 +1,22 @@
 """Tools: train transcoders and compute what their features do."""
 
+from ._annotate_features import annotate_features
 from ._circuit_enrichment import circuit_enrichment
 from ._feature_activations import feature_activations
+from ._feature_genes import feature_genes
+from ._gene_attribution import gene_attribution
+from ._rank_features_groups import rank_features_groups
 from ._score_circuit import score_circuit
 from ._trace_circuit import trace_circuit
 from ._train_transcoders import train_transcoders
 
 __all__ = [
+    "annotate_features",
     "circuit_enrichment",
     "feature_activations",
+    "feature_genes",
+    "gene_attribution",
+    "rank_features_groups",
     "score_circuit",
     "trace_circuit",
     "train_transcoders",

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .._constants import Key
 from .._enrichment import enrich_gseapy, ora, ora_decoupler
-from .._genesets import gene_sets as load_gene_sets
+from .._genesets import gene_sets_in_background
 from .._store import circuit_record, gene_lists
 
 if TYPE_CHECKING:
@@ -77,17 +77,14 @@ def circuit_enrichment(
         raise ValueError(f"Circuit {key!r} has no gene with positive influence to test.")
     sentence_key = str(record["params"].get("sentence_key", Key.sentence))
     background = sorted({g for s in gene_lists(adata, sentence_key) for g in s})
-    sets = load_gene_sets(
-        gene_sets, adata=adata, min_size=1, max_size=10**9, allow_network=allow_network
+    sets = gene_sets_in_background(
+        gene_sets,
+        background,
+        adata=adata,
+        min_size=min_size,
+        max_size=max_size,
+        allow_network=allow_network,
     )
-    bg = set(background)
-    sets = {k: [g for g in v if g in bg] for k, v in sets.items()}
-    sets = {k: v for k, v in sets.items() if min_size <= len(v) <= max_size}
-    if not sets:
-        raise ValueError(
-            f"No gene set has {min_size}-{max_size} genes among the {len(background)} genes of the "
-            "cell sentences; check that the gene sets use the same symbols."
-        )
     table = ora(query, sets, background=background, min_overlap=0)
     table = table.set_index("term")
     gp = enrich_gseapy(query, sets, background=background).set_index("term")
