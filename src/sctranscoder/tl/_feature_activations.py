@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
-from tqdm.auto import tqdm
 
 from .._constants import Key
-from .._store import gene_lists, resolve_model, sct_uns, stored_transcoders
-from ..core.activations import AGGREGATES, Aggregate, batch_activations
+from ..core.activations import AGGREGATES, Aggregate
+from ._activation_pass import activation_pass
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -100,15 +99,13 @@ def feature_activations(
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
     if batch_size < 1:
         raise ValueError("batch_size must be positive.")
-    record = sct_uns(adata, key)
-    if sentence_key is None:
-        sentence_key = str(record.get("params", {}).get("sentence_key", Key.sentence))
-    transcoders = stored_transcoders(
-        adata, key, None if layers is None else [int(x) for x in layers]
+    run = activation_pass(adata, model, key=key, layers=layers, sentence_key=sentence_key)
+    sentences, transcoders, sentence_key, layers = (
+        run.sentences,
+        run.transcoders,
+        run.sentence_key,
+        run.layers,
     )
-    model = resolve_model(adata, key, model)
-    sentences = gene_lists(adata, sentence_key, n_genes=model.settings.n_genes)
-    layers = sorted(transcoders)
     symbol_index = _symbol_index(adata, sentence_key) if gene_activations else {}
     n_obs, n_vars = adata.n_obs, adata.n_vars
 
@@ -118,15 +115,10 @@ def feature_activations(
     fired = {x: 0.0 for x in layers}
     gene_cells = np.zeros(n_vars, dtype=np.int64)
     n_tokens = 0
-    bar = tqdm(total=n_obs, desc="activations", disable=not progress, unit="cell")
-    for b0 in range(0, n_obs, batch_size):
-        gl = sentences[b0 : b0 + batch_size]
-        bar.update(len(gl))
-        batch = model.tokenize(gl)
-        acts = batch_activations(
-            model.model, transcoders, batch, aggregate=aggregate, genes=gene_activations
-        )
-        n_tokens += int(batch.attention_mask.sum())
+    for gl, acts, n_batch_tokens in run.batches(
+        batch_size=batch_size, aggregate=aggregate, genes=gene_activations, progress=progress
+    ):
+        n_tokens += n_batch_tokens
         var_of_pair = None
         for layer in layers:
             a = acts[layer]
@@ -152,7 +144,6 @@ def feature_activations(
                 add = (onto @ vals).tocsr()
                 gene_sums[layer] = add if layer not in gene_sums else gene_sums[layer] + add
 
-    bar.close()
     obsm_keys, varm_keys, firing = {}, {}, {}
     results_obsm, results_varm = {}, {}
     for layer in layers:

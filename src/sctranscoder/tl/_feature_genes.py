@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from tqdm.auto import tqdm
 
 from .._constants import Key
-from .._store import gene_lists, resolve_model, sct_uns, stored_transcoders
-from ..core.activations import batch_activations
+from .._store import sct_uns
 from ..get._activations import feature_names
+from ._activation_pass import activation_pass
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -100,15 +99,13 @@ def feature_genes(
         raise ValueError("batch_size must be positive.")
     if not np.isfinite(live_threshold):
         raise ValueError(f"live_threshold must be a finite log10 rate, got {live_threshold}.")
-    record = sct_uns(adata, key)
-    if sentence_key is None:
-        sentence_key = str(record.get("params", {}).get("sentence_key", Key.sentence))
-    transcoders = stored_transcoders(
-        adata, key, None if layers is None else [int(x) for x in layers]
+    run = activation_pass(adata, model, key=key, layers=layers, sentence_key=sentence_key)
+    sentences, transcoders, sentence_key, layers = (
+        run.sentences,
+        run.transcoders,
+        run.sentence_key,
+        run.layers,
     )
-    model = resolve_model(adata, key, model)
-    sentences = gene_lists(adata, sentence_key, n_genes=model.settings.n_genes)
-    layers = sorted(transcoders)
     genes = pd.Index(pd.unique(np.fromiter((g for s in sentences for g in s), dtype=object)))
     n_genes = len(genes)
 
@@ -118,13 +115,10 @@ def feature_genes(
     fired = {x: np.zeros(transcoders[x].config.n_features) for x in layers}
     gene_cells = np.zeros(n_genes, dtype=np.int64)
     n_tokens = 0
-    bar = tqdm(total=adata.n_obs, desc="feature genes", disable=not progress, unit="cell")
-    for b0 in range(0, adata.n_obs, batch_size):
-        gl = sentences[b0 : b0 + batch_size]
-        bar.update(len(gl))
-        batch = model.tokenize(gl)
-        acts = batch_activations(model.model, transcoders, batch, aggregate="max", genes=True)
-        n_tokens += int(batch.attention_mask.sum())
+    for gl, acts, n_batch_tokens in run.batches(
+        batch_size=batch_size, genes=True, progress=progress, desc="feature genes"
+    ):
+        n_tokens += n_batch_tokens
         onto = None
         for layer in layers:
             a = acts[layer]
@@ -148,7 +142,6 @@ def feature_genes(
             add_c, add_s = (onto @ hit).tocsr(), (onto @ vals).tocsr()
             counts[layer] = add_c if layer not in counts else counts[layer] + add_c
             sums[layer] = add_s if layer not in sums else sums[layer] + add_s
-    bar.close()
 
     out: dict[str, object] = {}
     for layer in layers:
