@@ -10,6 +10,8 @@ background, whether or not it overlaps the query.
 - :func:`ora_decoupler` / :func:`enrich_gseapy`: the same question asked through decoupler's
   ORA and gseapy's offline ``enrich``, to cross-check and to report their numbers.
 - :func:`prerank`: preranked GSEA (gseapy) of a gene ranking, e.g. by attribution.
+- :func:`prerank_many`: gseapy's preranked GSEA statistics for thousands of rankings at once
+  (vectorised with torch, nulls shared across sets of one size), and :func:`best_prerank_terms`.
 
 Symbols are compared upper-cased, like the sets from :func:`~sctranscoder._genesets.gene_sets`.
 """
@@ -17,6 +19,7 @@ Symbols are compared upper-cased, like the sets from :func:`~sctranscoder._genes
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -25,7 +28,16 @@ from scipy import special, stats
 
 from ._genesets import clean_genes
 
-__all__ = ["best_terms", "enrich_gseapy", "ora", "ora_decoupler", "ora_many", "prerank"]
+__all__ = [
+    "best_prerank_terms",
+    "best_terms",
+    "enrich_gseapy",
+    "ora",
+    "ora_decoupler",
+    "ora_many",
+    "prerank",
+    "prerank_many",
+]
 
 GeneSetsLike = Mapping[str, Iterable[str]]
 
@@ -616,3 +628,481 @@ def prerank(
         )
     )
     return table.iloc[order].reset_index(drop=True)
+
+
+# --- preranked GSEA of many rankings -----------------------------------------------------------
+
+#: Bytes of working memory aimed at per chunk of queries (the null walks dominate).
+_CHUNK_BYTES = 256 * 2**20
+PRERANK_COLUMNS = ("query", "term", "size", "es", "nes", "pvalue", "fdr")
+
+
+def prerank_many(
+    scores: np.ndarray | sp.spmatrix | sp.sparray,
+    genes: Sequence[str],
+    gene_sets: GeneSetsLike,
+    *,
+    permutations: int = 1000,
+    seed: int = 0,
+    min_size: int = 5,
+    max_size: int = 500,
+    weight: float = 1.0,
+    query_names: Sequence[object] | None = None,
+    chunk_size: int | None = None,
+    report: Literal["all", "best"] = "all",
+    threads: int | None = None,
+) -> pd.DataFrame:
+    """Preranked GSEA of many gene rankings at once (gseapy's prerank statistics, vectorised).
+
+    Each row of ``scores`` is one ranking of ``genes`` (e.g. a feature's mean activation per
+    gene; higher is more associated). For every ranking and gene set, as in
+    :func:`gseapy.prerank` (Subramanian et al. 2005):
+
+    - genes are sorted by decreasing score and weighted ``|score| ** weight``; the running sum
+      steps up by ``w / sum(w of the set's genes)`` on a set gene and down by ``1 / (N - k)``
+      on any other gene (``N`` genes, ``k`` in the set); ``es`` is its largest deviation from
+      zero (positive when the positive extreme is at least as large as the negative one);
+    - the null comes from gene-set permutations (gseapy's default for prerank): ``k`` positions
+      drawn at random from the ``N``; the ES of a set depends on its genes only through their
+      positions, so every set of the same size shares one null, and the same random positions
+      (the first ``k`` of ``permutations`` seeded random orders of the positions, nested
+      across sizes like gseapy's shared gene permutations) serve every ranking. Results depend
+      on ``seed`` and ``permutations`` only, not on ``chunk_size``;
+    - ``nes = es / mean(null ES of the same sign)`` (``>= 0`` counts as positive);
+    - ``pvalue`` is nominal: the fraction of same-sign null ES at least as extreme as ``es``
+      (no pseudo-count, as in gseapy: it can be 0; its resolution is about
+      ``1 / permutations``);
+    - ``fdr`` is gseapy's FDR q-value (GSEA's NES-normalised null), per ranking over all its
+      tested sets: for ``nes >= 0``, the fraction of normalised null NES (every set's null
+      divided by its own same-sign mean, pooled over sets) that are ``>= nes`` among those
+      ``>= 0``, divided by the same fraction among the observed NES, capped at 1; mirrored for
+      negative NES. It is not made monotone (gseapy does not either).
+
+    Ties and zeros. Tied scores form blocks and the running sum is read only at block ends, so
+    results do not depend on the (arbitrary) order of tied genes; without ties this is exactly
+    gseapy's ES. The typical sparse ranking, a feature that fired on few genes, has one large
+    block of zeros at the bottom: its set genes add nothing to the positive side, and only the
+    scored genes can make a set positively enriched. When all of a set's genes score 0 (its
+    weights sum to 0, where gseapy would return NaN), the set's genes get equal weights: the
+    set then sits at the bottom and its ES is ``<= 0``. An all-zero ranking gives ``es = 0``,
+    ``nes = 0``, ``pvalue = 1`` and ``fdr = 1`` for every set. When no null ES has the sign of
+    ``es``, ``nes`` is ``sign(es)`` (gseapy's fallback) and the p-value 1.
+
+    Sparse rankings and ``weight``. With ``weight=1`` and most scores 0, the walk collects all
+    of a set's weight within the few scored genes, so any set with one scored gene near the top
+    reaches an ES close to 1: the ES then tells little more than how early the set's last scored
+    gene comes, and even a set made of exactly the scored genes can stay above FDR 0.05.
+    ``weight=0`` (every hit steps up by ``1 / k``: the ES becomes about the fraction of the set
+    among the scored genes) keeps its power there.
+
+    Nulls are shared across sets of one size and across rankings, so the p-values of different
+    sets or rankings are not independent (neither are gseapy's, whose sets share permutations).
+    Cost: about ``queries x permutations x (sum of the distinct set sizes)`` steps, in chunks
+    of queries whose memory stays near 256 MiB; large libraries with hundreds of distinct sizes
+    are correspondingly slower.
+
+    Parameters
+    ----------
+    scores
+        (queries x genes) matrix, dense or sparse (missing entries are 0), finite values.
+    genes
+        Column labels of ``scores``: gene symbols, unique after upper-casing.
+    gene_sets
+        ``{name: genes}``; each set is restricted to ``genes`` and tested when it keeps
+        ``min_size`` to ``max_size`` genes (and fewer than all of them).
+    permutations
+        Random gene-set permutations of the null.
+    seed
+        Seed of the permutations.
+    min_size, max_size
+        Set sizes tested, counted among ``genes``.
+    weight
+        Exponent of the scores in the running sum (gseapy's ``weight``; 0: classic KS).
+    query_names
+        Labels of the rows of ``scores`` (default ``0..n-1``).
+    chunk_size
+        Rankings processed together (default: as many as fit in about 256 MiB).
+    report
+        ``"all"``: every (query, set) pair. ``"best"``: one row per query, its most enriched
+        set with ``nes > 0`` (see :func:`best_prerank_terms`), computed chunk by chunk so the
+        full table is never held.
+    threads
+        torch CPU threads for the computation, restored afterwards (default: torch's current
+        setting). On a busy machine 1 thread can be much faster than several.
+
+    Returns
+    -------
+    With ``report="all"``, a long table with one row per (query, tested set), sorted by query
+    (input order), then p-value, then decreasing ``|nes|``, then set (input order): ``query``,
+    ``term``, ``size`` (set genes among ``genes``), ``es``, ``nes``, ``pvalue``, ``fdr``. With
+    ``report="best"``, :func:`best_prerank_terms` of that table.
+    """
+    import torch
+
+    if report not in ("all", "best"):
+        raise ValueError(f"report must be 'all' or 'best', got {report!r}")
+    permutations = int(permutations)
+    if permutations < 1:
+        raise ValueError(f"permutations must be positive, got {permutations}")
+    if not np.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight must be a finite non-negative number, got {weight}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be positive, got {threads}")
+    labels = [str(g).strip().upper() for g in genes]
+    bg = pd.Index(labels)
+    if bg.empty:
+        raise ValueError("genes is empty")
+    if bg.has_duplicates:
+        dups = bg[bg.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"genes has duplicated symbols (after upper-casing), e.g. {dups}")
+    X = scores if sp.issparse(scores) else np.asarray(scores, dtype=float)
+    if X.ndim != 2 or X.shape[1] != len(bg):
+        raise ValueError(
+            f"scores must be a (queries x genes) matrix with {len(bg)} columns, got shape {X.shape}"
+        )
+    X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else X
+    values = X.data if sp.issparse(X) else X
+    if not np.isfinite(values).all():
+        raise ValueError("scores must be finite (no NaN or inf)")
+    n_queries, N = X.shape
+    names = np.arange(n_queries) if query_names is None else np.asarray(query_names, dtype=object)
+    if len(names) != n_queries:
+        raise ValueError(f"{len(names)} query_names for {n_queries} queries")
+    sets = _restricted_sets(gene_sets, bg, min_size)
+    sets = {t: g for t, g in sets.items() if len(g) <= max_size and len(g) < N}
+    if not sets:
+        raise ValueError(
+            f"no gene set has between min_size={min_size} and max_size={max_size} genes (and "
+            f"fewer than all) among the {N} ranked genes"
+        )
+    terms = np.array(list(sets), dtype=object)
+    size = np.array([len(g) for g in sets.values()], dtype=np.int64)
+    members = [bg.get_indexer(g) for g in sets.values()]
+    sizes = np.unique(size)
+    groups = [np.flatnonzero(size == k) for k in sizes]  # set indices of each size
+    members_by_size = [torch.from_numpy(np.stack([members[t] for t in g])) for g in groups]
+    multiplicity = torch.tensor([len(g) for g in groups], dtype=torch.float64)
+    null_positions = _null_positions(N, sizes, permutations, seed)
+
+    k_max = int(sizes.max())
+    per_query = 8 * 8 * permutations * k_max + 8 * 8 * (N + len(sizes) * permutations)
+    chunk = int(chunk_size) if chunk_size else max(1, min(n_queries, _CHUNK_BYTES // per_query))
+    # rankings with similar numbers of non-zero scores together: the walks of a chunk are cut
+    # after its longest non-zero part (see _walk_fast), whatever the chunking, same results
+    if sp.issparse(X):
+        nonzero = np.asarray((X != 0).sum(axis=1)).ravel()
+    else:
+        nonzero = np.count_nonzero(X, axis=1)
+    by_nonzero = np.argsort(nonzero, kind="stable")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    tables = []
+    try:
+        for lo in range(0, n_queries, chunk):
+            which = by_nonzero[lo : lo + chunk]
+            rows = X[which]
+            dense = rows.toarray() if sp.issparse(rows) else np.array(rows, dtype=np.float64)
+            es, nes, pvalue, fdr = _prerank_chunk(
+                torch.from_numpy(dense),
+                members_by_size,
+                groups,
+                len(terms),
+                null_positions,
+                multiplicity,
+                float(weight),
+            )
+            part = _prerank_table(names[which], terms, size, es, nes, pvalue, fdr)
+            if report == "best":
+                part = best_prerank_terms(part)
+            tables.append(part.assign(_position=np.repeat(which, len(part) // len(which))))
+    finally:
+        torch.set_num_threads(previous)
+    if not tables:
+        table = _empty(PRERANK_COLUMNS)
+        return best_prerank_terms(table) if report == "best" else table
+    out = pd.concat(tables)
+    out = out.iloc[np.argsort(out["_position"].to_numpy(), kind="stable")].drop(columns="_position")
+    return out if report == "best" else out.reset_index(drop=True)
+
+
+def best_prerank_terms(
+    table: pd.DataFrame, queries: Sequence[object] | None = None, *, positive: bool = True
+) -> pd.DataFrame:
+    """The most significant set of each query in a :func:`prerank_many` table.
+
+    Parameters
+    ----------
+    table
+        Output of :func:`prerank_many` (``report="all"``).
+    queries
+        Index the result by these queries (those without any such set get NaN); default: the
+        queries present in ``table``, in its order.
+    positive
+        Only positively enriched sets (``nes > 0``: the ranking's top genes are in the set),
+        the ones that say what a feature responds to; ``False``: either direction.
+
+    Returns
+    -------
+    DataFrame indexed by query with ``term``, ``size``, ``es``, ``nes``, ``pvalue`` and ``fdr``
+    of the set with the largest ``|nes|`` (ties: smaller p-value, then smaller FDR, then term
+    name). The NES orders the sets (gseapy's FDR q-value is not monotone in it, so the smallest
+    q can belong to a set with a lower NES); the best set's own ``fdr`` is reported.
+    """
+    cols = ["term", "size", "es", "nes", "pvalue", "fdr"]
+    kept = table[table["nes"] > 0] if positive else table
+    best = (
+        kept.assign(_abs=-kept["nes"].abs())
+        .sort_values(["_abs", "pvalue", "fdr", "term"], kind="stable")
+        .drop_duplicates("query")
+        .set_index("query")[cols]
+    )
+    order = pd.unique(table["query"]) if queries is None else queries
+    return best.reindex(pd.Index(order, name="query"))
+
+
+def _prerank_table(names, terms, size, es, nes, pvalue, fdr) -> pd.DataFrame:
+    B, T = es.shape
+    q = np.repeat(np.arange(B), T)
+    t = np.tile(np.arange(T), B)
+    es, nes, pvalue, fdr = (a.reshape(-1) for a in (es, nes, pvalue, fdr))
+    order = np.lexsort((t, -np.abs(nes), pvalue, q))
+    q, t = q[order], t[order]
+    return pd.DataFrame(
+        {
+            "query": names[q],
+            "term": terms[t],
+            "size": size[t],
+            "es": es[order],
+            "nes": nes[order],
+            "pvalue": pvalue[order],
+            "fdr": fdr[order],
+        }
+    )
+
+
+def _null_positions(N: int, sizes: np.ndarray, permutations: int, seed: int) -> list:
+    """For each size ``k``: (permutations x k) random positions in ``0..N-1``, sorted per row.
+
+    Row ``i`` holds the first ``k`` entries of the ``i``-th seeded random order of the
+    positions, so the draws are nested across sizes and do not depend on the queries.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    k_max = int(sizes.max())
+    prefix = np.empty((permutations, k_max), dtype=np.int64)
+    step = max(1, 2**22 // N)
+    for lo in range(0, permutations, step):
+        keys = rng.random((min(step, permutations - lo), N))
+        if k_max < N:
+            part = np.argpartition(keys, k_max - 1, axis=1)[:, :k_max]
+            order = np.argsort(np.take_along_axis(keys, part, axis=1), axis=1)
+            prefix[lo : lo + len(keys)] = np.take_along_axis(part, order, axis=1)
+        else:
+            prefix[lo : lo + len(keys)] = np.argsort(keys, axis=1)
+    return [torch.from_numpy(np.sort(prefix[:, :k], axis=1)) for k in sizes]
+
+
+def _prerank_chunk(X, members_by_size, groups, n_sets, null_positions, multiplicity, weight):
+    """ES, NES, nominal p and FDR q (each queries x sets, numpy) of one chunk of rankings."""
+    import torch
+
+    B, N = X.shape
+    order = torch.argsort(-X, dim=1, stable=True)
+    v = torch.gather(X, 1, order)  # sorted scores, decreasing
+    w = v.abs() ** weight
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(N).expand(B, N).contiguous())
+    # tie blocks in the sorted order: first and last position of each position's block
+    idx = torch.arange(N).expand(B, N)
+    new = torch.ones(B, N, dtype=torch.bool)
+    new[:, 1:] = v[:, 1:] != v[:, :-1]
+    start = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    last = torch.ones(B, N, dtype=torch.bool)
+    last[:, :-1] = new[:, 1:]
+    end = torch.where(last, idx, torch.full_like(idx, N)).flip(1).cummin(dim=1).values.flip(1)
+    # Rankings without ties among non-zero scores take the fast walk (zero-weight hits cannot
+    # change the ES there); the others, and every ranking when weight == 0, the block walk.
+    tied = ((~new[:, 1:]) & (v[:, 1:] != 0)).any(dim=1)
+    if weight == 0:
+        tied[:] = True
+    fast = torch.nonzero(~tied).flatten()
+    slow = torch.nonzero(tied).flatten()
+    zero_start = (v > 0).sum(1)  # the block of zeros, if any: [zero_start, zero_end]
+    zero_end = (v >= 0).sum(1) - 1
+    cut = torch.where(v[:, -1] == 0, zero_start, N)  # trailing zeros start here (else N)
+    walk_fast = (w[fast], cut[fast], zero_start[fast], zero_end[fast])
+    walk_slow = (w[slow], start[slow], end[slow])
+
+    def enrichment(pos):  # (B, R, k) per ranking, or (R, k) shared by all
+        out = torch.empty((B, pos.shape[-2]), dtype=torch.float64)
+        if fast.numel():
+            p = pos if pos.dim() == 2 else pos[fast]
+            out[fast] = _walk_fast(*walk_fast, p, N)
+        if slow.numel():
+            p = pos.expand(len(slow), *pos.shape) if pos.dim() == 2 else pos[slow]
+            out[slow] = _walk(*walk_slow, p, N)
+        return out
+
+    es = torch.empty(B, n_sets, dtype=torch.float64)
+    nes = torch.empty_like(es)
+    pvalue = torch.empty_like(es)
+    pooled, pooled_weight = [], []
+    for g, (members, nulls) in enumerate(zip(members_by_size, null_positions, strict=True)):
+        T_g, k = members.shape
+        pos = rank[:, members.reshape(-1)].reshape(B, T_g, k).sort(dim=-1).values
+        es_obs = enrichment(pos)  # (B, T_g)
+        null = enrichment(nulls)  # (B, P)
+        P = null.shape[1]
+        nonneg = null >= 0
+        n_pos = nonneg.sum(1, keepdim=True).to(torch.float64)
+        n_neg = P - n_pos
+        pos_mean = torch.where(nonneg, null, 0).sum(1, keepdim=True) / n_pos.clamp(min=1)
+        neg_mean = -torch.where(nonneg, 0, null).sum(1, keepdim=True) / n_neg.clamp(min=1)
+        # NES: ES over the same-sign null mean; sign(ES) without a usable mean (gseapy)
+        pos_ok, neg_ok = (n_pos > 0) & (pos_mean > 0), (n_neg > 0) & (neg_mean > 0)
+        nes_g = torch.where(
+            es_obs >= 0,
+            torch.where(pos_ok, es_obs / pos_mean.clamp(min=1e-300), torch.sign(es_obs)),
+            torch.where(neg_ok, es_obs / neg_mean.clamp(min=1e-300), torch.sign(es_obs)),
+        )
+        # nominal p from the same-sign null
+        if T_g <= 32:
+            below = (null.unsqueeze(1) < es_obs.unsqueeze(2)).sum(-1).to(torch.float64)
+            at_most = (null.unsqueeze(1) <= es_obs.unsqueeze(2)).sum(-1).to(torch.float64)
+        else:
+            sorted_null = null.sort(dim=1).values
+            below = torch.searchsorted(sorted_null, es_obs, right=False).to(torch.float64)
+            at_most = torch.searchsorted(sorted_null, es_obs, right=True).to(torch.float64)
+        p_pos = torch.where(n_pos > 0, (P - below) / n_pos.clamp(min=1), 1.0)
+        p_neg = torch.where(n_neg > 0, at_most / n_neg.clamp(min=1), 1.0)
+        p_g = torch.where(es_obs >= 0, p_pos, p_neg)
+        cols = torch.from_numpy(groups[g])
+        es[:, cols], nes[:, cols], pvalue[:, cols] = es_obs, nes_g, p_g.clamp(max=1.0)
+        # the null normalised by its own same-sign means, for the FDR
+        pooled.append(
+            torch.where(
+                nonneg,
+                null / torch.where(pos_ok, pos_mean, 1.0),
+                null / torch.where(neg_ok, neg_mean, 1.0),
+            )
+        )
+        pooled_weight.append(multiplicity[g].expand(P))
+    fdr = _fdr_q(nes, torch.cat(pooled, dim=1), torch.cat(pooled_weight))
+    return es.numpy(), nes.numpy(), pvalue.numpy(), fdr.numpy()
+
+
+def _walk_fast(w, cut, zero_start, zero_end, pos, N: int):
+    """:func:`_walk` for rankings whose only tied scores are zeros, and ``weight > 0``.
+
+    Then the order inside the block of zeros cannot change the ES: its genes add nothing to the
+    running sum, which only falls through it towards 0, so its hits are neither the highest
+    point nor below the lowest one, and gseapy's walk over the hits in sorted order gives the
+    block-read ES. Hits from ``cut`` on (the trailing zeros) can therefore be left out: the hit
+    dimension is cut to the most hits any ranking has before its ``cut``. ``pos`` is (B, R, k),
+    or (R, k) shared by all rankings. When no hit has weight (all among the zeros), they get
+    equal weights and the ES is read at the ends of the zero block.
+    """
+    import torch
+
+    k = pos.shape[-1]
+    miss = 1.0 / (N - k)
+    if pos.dim() == 2:  # shared: the count before the largest cut bounds every ranking's
+        kept = int(torch.searchsorted(pos, cut.max().expand(len(pos), 1).contiguous()).max())
+    else:
+        bound = cut.view(-1, 1, 1).expand(*pos.shape[:2], 1).contiguous()
+        kept = int(torch.searchsorted(pos, bound).max())
+    if kept:
+        p = pos[..., :kept]
+        flat = p.reshape(1, -1).expand(len(w), -1) if p.dim() == 2 else p.reshape(len(w), -1)
+        wh = torch.gather(w, 1, flat).view(len(w), *p.shape[-2:])
+        cw = wh.cumsum(-1)
+        total = cw[..., -1:]
+        norm = torch.where(total > 0, total, 1.0)
+        drop = (p - torch.arange(kept)) * miss  # misses before each hit
+        hi = (cw / norm - drop).amax(-1)
+        lo = ((cw - wh) / norm - drop).amin(-1)
+        es = torch.where(hi >= -lo, hi, lo)
+        total = total[..., 0]
+    else:
+        shape = (len(w), pos.shape[-2])
+        es, total = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    # all hits among the zeros (no weight): equal weights, read at the zero block's ends
+    hi0 = (1.0 - (zero_end + 1 - k) * miss).to(torch.float64).unsqueeze(1)
+    lo0 = (-zero_start * miss).to(torch.float64).unsqueeze(1)
+    es0 = torch.where(hi0 >= -lo0, hi0, lo0)
+    return torch.where(total > 0, es, es0)
+
+
+def _walk(w, start, end, pos, N: int):
+    """Enrichment score of hit positions ``pos`` (..., k; sorted) in each ranking of a chunk.
+
+    ``w`` (B x N) are the weights in sorted order, ``start``/``end`` the first/last position
+    of each position's tie block; ``pos`` has the chunk's B rankings as its first dimension.
+    The running sum is read at the end of each block holding a hit (the maxima) and just
+    before each such block (the minima).
+    """
+    import torch
+
+    B = w.shape[0]
+    shape = pos.shape
+    k = shape[-1]
+    flat = pos.reshape(B, -1)
+    wh = torch.gather(w, 1, flat).reshape(shape)
+    s = torch.gather(start, 1, flat).reshape(shape)
+    e = torch.gather(end, 1, flat).reshape(shape)
+    total = wh.sum(-1, keepdim=True)
+    wh = torch.where(total > 0, wh, 1.0)  # all weights zero: equal weights
+    cw = torch.nn.functional.pad(wh.cumsum(-1), (1, 0))
+    cw = cw / cw[..., -1:]
+    i = torch.arange(k).expand(shape)
+    first = torch.ones(shape, dtype=torch.bool)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    lastb = torch.ones(shape, dtype=torch.bool)
+    lastb[..., :-1] = first[..., 1:]
+    before = torch.where(first, i, torch.zeros_like(i)).cummax(dim=-1).values  # hits before block
+    upto = torch.where(lastb, i + 1, torch.full_like(i, k)).flip(-1).cummin(dim=-1).values.flip(-1)
+    miss = 1.0 / (N - k)
+    top = torch.gather(cw, -1, upto) - (e + 1 - upto) * miss
+    bottom = torch.gather(cw, -1, before) - (s - before) * miss
+    hi = top.max(dim=-1).values
+    lo = bottom.min(dim=-1).values
+    return torch.where(hi >= -lo, hi, lo)
+
+
+def _fdr_q(nes, pooled, pooled_weight):
+    """gseapy's FDR q-value of every set of each ranking (rows), from the pooled normalised null."""
+    import torch
+
+    B, T = nes.shape
+    null, idx = pooled.sort(dim=1)
+    cw = torch.nn.functional.pad(pooled_weight[idx].cumsum(1), (1, 0))  # weight of the first i
+    total = cw[:, -1:]
+
+    def weight_below(x, right):  # weighted count of null < x (or <= x with right)
+        return torch.gather(cw, 1, torch.searchsorted(null, x, right=right))
+
+    zero = torch.zeros(B, 1, dtype=nes.dtype)
+    null_neg = weight_below(zero, False)  # null < 0
+    null_pos = total - null_neg
+    obs = nes.sort(dim=1).values
+    obs_neg = torch.searchsorted(obs, zero, right=False).to(nes.dtype)
+    obs_pos = T - obs_neg
+    obs_below = torch.searchsorted(obs, nes, right=False).to(nes.dtype)
+    obs_at_most = torch.searchsorted(obs, nes, right=True).to(nes.dtype)
+    up = nes >= 0
+    phi_null = torch.where(
+        up,
+        (total - weight_below(nes, False)) / null_pos.clamp(min=1e-300),
+        weight_below(nes, True) / null_neg.clamp(min=1e-300),
+    )
+    phi_null = torch.where(torch.where(up, null_pos, null_neg) > 0, phi_null, 0.0)
+    phi_obs = torch.where(
+        up,
+        (T - obs_below) / obs_pos.clamp(min=1),
+        obs_at_most / obs_neg.clamp(min=1),
+    )
+    return (phi_null / phi_obs).clamp(max=1.0)

@@ -224,6 +224,42 @@ def model_fingerprint(model: nn.Module, *, sample: int = 65536) -> str:
     return h.hexdigest()[:16]
 
 
+def random_like(model: C2SModel, *, seed: int = 0) -> C2SModel:
+    """A copy of ``model`` with freshly, randomly initialised weights (same config and tokenizer).
+
+    The chance baseline of interpretability (Hosokawa et al. 2025 ask how much of "X% of features
+    are interpretable" a model that learned nothing would also reach): transcoders trained on this
+    model see the same prompts and tokens, so any enrichment they show comes from the token
+    embeddings of gene symbols, the architecture and the sentences, not from training.
+
+    Parameters
+    ----------
+    model
+        The trained model.
+    seed
+        Seed of the initialisation (the Hugging Face ``_init_weights`` of the architecture).
+    """
+    from transformers import AutoModelForCausalLM
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(model.model.config)
+    finally:
+        torch.random.set_rng_state(state)
+    hf.to(device=model.device, dtype=next(model.model.parameters()).dtype)
+    hf.eval()
+    hf.requires_grad_(False)
+    return C2SModel(
+        model=hf,
+        tokenizer=model.tokenizer,
+        settings=model.settings,
+        name=f"{model.name} (random init, seed {seed})",
+        labels=list(model.labels),
+        info={"random_init_of": str(model.name), "seed": int(seed)},
+    )
+
+
 def load_model(
     model: str | Path | nn.Module | C2SModel | None = None,
     *,

@@ -4,13 +4,23 @@ The model reads a stream of prompt batches; forward hooks collect each layer's M
 output for the real (non-padding) tokens into a bounded buffer; the buffer is shuffled and cut into
 token batches on which all layers' transcoders take one optimiser step together. Nothing is cached
 to disk and memory is bounded by the buffer, whatever the number of cells. Torch only.
+
+Speed: the TopK encoder's backward touches only the ``k`` selected features per token
+(:func:`~sctranscoder.core.transcoder.topk_encode`), decoding gathers ``k`` decoder rows
+(``embedding_bag``), the loss curves stay on the device and are copied to the host every
+:data:`_LOG_EVERY` steps, and optionally the model runs under autocast (``bf16``/``fp16``) and the
+per-layer loss is compiled. With ``TrainingConfig(profile=True)`` the seconds spent in each phase
+are recorded (:data:`TIMING_KEYS`). Under ``torch.distributed`` every rank trains on its own
+tokens and all ranks keep identical transcoders (see :func:`train_transcoders`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,12 +28,32 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .hooks import capture_mlp_io, run_to_layers
-from .transcoder import Transcoder, TranscoderConfig
+from .transcoder import Transcoder, TranscoderConfig, sparse_decode, topk_encode
 
 logger = logging.getLogger(__name__)
 
 TokenBatch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
+
+#: Phases timed with ``TrainingConfig(profile=True)``, the keys of ``TrainingLog.timings``:
+#: the frozen model's forward and the gathering of real tokens, the encoder (pre-activations and
+#: TopK), the decoder (sparse decoding and the loss), backward, the optimiser (step, decoder
+#: normalisation, removal of the parallel gradient), all-reduces between ranks, and the rest
+#: (buffer shuffling, batch gathering, bookkeeping).
+TIMING_KEYS = (
+    "model_forward",
+    "encoder",
+    "decoder",
+    "backward",
+    "optimizer",
+    "communication",
+    "other",
+)
+#: ``TrainingConfig.autocast`` values.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Steps between copies of the loss curves from the device to the host.
+_LOG_EVERY = 32
 
 
 @dataclass
@@ -49,7 +79,8 @@ class TrainingConfig:
         Adam learning rate; ``None``: ``2e-4 / sqrt(n_features / 2**14)`` for TopK (Gao et al.
         2024), ``1e-4`` for ReLU.
     batch_size
-        Tokens per optimiser step.
+        Tokens per optimiser step, over all ranks under ``torch.distributed`` (each of the
+        ``world_size`` ranks takes ``batch_size // world_size``; it must divide).
     n_tokens
         Training tokens per layer.
     dead_tokens
@@ -60,6 +91,23 @@ class TrainingConfig:
         Tokens held in the shuffle buffer; ``None``: 32 batches, capped at 1 GiB of activations.
     seed
         Seed of initialisation and shuffling.
+    autocast
+        Run the frozen model's forward under :func:`torch.autocast` in ``"bf16"`` or ``"fp16"``;
+        its activations are cast back to float32 and the transcoders train in float32.
+        ``None`` (default): float32 throughout. On the tiny C2S model, bf16 MLP inputs/outputs
+        differ from float32 by at most 0.4% (relative Frobenius error; see
+        ``tests/test_training_fast_path.py``), below the transcoders' own error.
+    compile
+        :func:`torch.compile` the per-layer loss (encoder and decoder-plus-loss); if compiling
+        fails, a warning is logged and training runs eagerly.
+    profile
+        Record seconds per phase in ``TrainingLog.timings`` (:data:`TIMING_KEYS`), synchronising
+        the device around every phase (which slows a GPU down a little).
+    sparse_backward
+        TopK: backpropagate through the encoder only at the ``k`` selected features per token
+        (:func:`~sctranscoder.core.transcoder.topk_encode`, default). ``False``: dense autograd
+        through the ``(batch, n_features)`` pre-activations, the reference; the same numbers up
+        to float rounding.
     """
 
     activation: str = "topk"
@@ -74,6 +122,10 @@ class TrainingConfig:
     auxk_alpha: float = 1 / 32
     buffer_tokens: int | None = None
     seed: int = 0
+    autocast: str | None = None
+    compile: bool = False
+    profile: bool = False
+    sparse_backward: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.n_tokens < self.batch_size:
@@ -82,6 +134,10 @@ class TrainingConfig:
             )
         if self.expansion_factor < 1:
             raise ValueError("expansion_factor must be >= 1.")
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}."
+            )
 
     def learning_rate(self, n_features: int) -> float:
         if self.lr is not None:
@@ -96,20 +152,37 @@ class TrainingConfig:
 
 @dataclass
 class TrainingLog:
-    """What happened in training, per layer: loss curve (per step), dead fraction at the end."""
+    """What happened in training, per layer: loss curve (per step), dead fraction at the end.
+
+    ``tokens`` counts tokens over all ranks; ``seconds`` is the wall time of training and
+    ``timings`` (only with ``TrainingConfig(profile=True)``) its split by phase
+    (:data:`TIMING_KEYS`), which adds up to ``seconds``.
+    """
 
     steps: int = 0
     tokens: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
     loss: dict[int, list[float]] = field(default_factory=dict)
     fvu: dict[int, list[float]] = field(default_factory=dict)
     dead_fraction: dict[int, float] = field(default_factory=dict)
 
 
-def _buffer_tokens(cfg: TrainingConfig, n_layers: int, d_in: int, d_out: int) -> int:
+def _buffer_tokens(cfg: TrainingConfig, n_layers: int, d_in: int, d_out: int, batch: int) -> int:
+    """Tokens held in this rank's shuffle buffer (``batch``: this rank's tokens a step)."""
     if cfg.buffer_tokens is not None:
-        return max(cfg.buffer_tokens, cfg.batch_size)
+        return max(cfg.buffer_tokens, batch)
     per_token = n_layers * (d_in + d_out) * 4
-    return max(cfg.batch_size, min(32 * cfg.batch_size, (1 << 30) // per_token))
+    return max(batch, min(32 * batch, (1 << 30) // per_token))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device``: through pinned memory and asynchronously for CUDA."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def harvest(
@@ -118,32 +191,61 @@ def harvest(
     layers: Sequence[int],
     *,
     device: torch.device,
+    autocast: str | None = None,
 ) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
-    """For each prompt batch, the MLP inputs and outputs of ``layers`` at real tokens, ``(n, d)``."""
+    """For each prompt batch, the MLP inputs and outputs of ``layers`` at real tokens, ``(n, d)``.
+
+    With ``autocast`` (``"bf16"`` or ``"fp16"``) the model runs under :func:`torch.autocast`;
+    the activations are returned in float32 whatever the model's precision.
+    """
+    dtype = AUTOCAST_DTYPES[autocast] if autocast is not None else None
+    device = torch.device(device)
     with capture_mlp_io(model, layers) as store:
         for ids, mask in batches:
-            ids, mask = ids.to(device), mask.to(device)
-            run_to_layers(model, ids, mask)
-            keep = mask.bool()
-            xs = {layer: store[layer][0][keep].float() for layer in layers}
-            ys = {layer: store[layer][1][keep].float() for layer in layers}
+            # positions of real tokens, found where the mask is (no device sync for host masks)
+            keep = _to_device(mask.reshape(-1).nonzero().squeeze(1), device)
+            ids, mask = _to_device(ids, device), _to_device(mask, device)
+            if dtype is None:
+                run_to_layers(model, ids, mask)
+            else:
+                with torch.autocast(device.type, dtype=dtype):
+                    run_to_layers(model, ids, mask)
+            xs = {layer: _real_rows(store[layer][0], keep) for layer in layers}
+            ys = {layer: _real_rows(store[layer][1], keep) for layer in layers}
             store.clear()
             yield xs, ys
 
 
-def _aux_loss(
-    tc: Transcoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor
-) -> torch.Tensor:
-    """AuxK: the top dead features (by ReLU pre-activation) should explain what the others missed."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return residual.new_zeros(())
-    k_aux = min(residual.shape[-1] // 2, n_dead)
-    vals, idx = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-    e_hat = F.embedding_bag(idx, tc.W_dec, per_sample_weights=vals, mode="sum")
-    denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-    scale = min(n_dead / k_aux, 1.0)
-    return scale * (e_hat - residual.detach()).pow(2).sum() / denom
+def _real_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).index_select(0, keep).float()
+
+
+class _Timer:
+    """Seconds per phase (:data:`TIMING_KEYS`), synchronising the device around each; a no-op
+    (no synchronisation) unless enabled."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(TIMING_KEYS, 0.0)
+        self._null = nullcontext()
+
+    def __call__(self, key: str) -> AbstractContextManager:
+        return self._section(key) if self.enabled else self._null
+
+    @contextmanager
+    def _section(self, key: str) -> Iterator[None]:
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[key] += time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
 
 def train_transcoders(
@@ -158,6 +260,12 @@ def train_transcoders(
     progress: bool = True,
 ) -> tuple[dict[int, Transcoder], TrainingLog]:
     """Train one transcoder per layer in ``layers`` on the prompts in ``batches``.
+
+    Under ``torch.distributed`` (see :mod:`sctranscoder.core.distributed`) every rank passes its
+    own shard of the prompts and takes ``config.batch_size // world_size`` tokens a step; the
+    transcoders are broadcast from rank 0 after initialisation, gradients and the dead-feature
+    counts are all-reduced every step, so all ranks take the same steps and end with identical
+    transcoders (and identical logs). Single-process, nothing of this happens.
 
     Parameters
     ----------
@@ -181,8 +289,16 @@ def train_transcoders(
     -------
     The transcoders by layer, and a :class:`TrainingLog`.
     """
+    t_start = time.perf_counter()
     layers = [int(layer) for layer in layers]
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    n_ranks = dist.world_size()
+    if config.batch_size % n_ranks:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) is the global batch and must be divisible by the "
+            f"number of ranks ({n_ranks})."
+        )
+    bs = config.batch_size // n_ranks  # this rank's tokens a step
     gen = torch.Generator().manual_seed(config.seed)
     tc_cfg = TranscoderConfig(
         d_in=d_in,
@@ -197,13 +313,16 @@ def train_transcoders(
     lr = config.learning_rate(tc_cfg.n_features)
     opt = torch.optim.Adam(params, lr=lr)
     dead_tokens = config.dead_tokens if config.dead_tokens is not None else config.n_tokens // 10
+    k_aux = min(d_out // 2, tc_cfg.n_features)
     since_fired = {
         layer: torch.zeros(tc_cfg.n_features, dtype=torch.long, device=device) for layer in layers
     }
     log = TrainingLog(loss={layer: [] for layer in layers}, fvu={layer: [] for layer in layers})
-    cap = _buffer_tokens(config, len(layers), d_in, d_out)
-    bs = config.batch_size
-    shuffle_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+    cap = _buffer_tokens(config, len(layers), d_in, d_out, bs)
+    # each rank shuffles its own tokens its own way
+    shuffle_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1 + dist.rank())
+    timer = _Timer(config.profile, device)
+    fns = _LossFunctions(config.compile)
     logger.info(
         "training %d transcoders (%s, %d features, lr %.2e) on %d tokens each",
         len(layers),
@@ -212,19 +331,36 @@ def train_transcoders(
         lr,
         config.n_tokens,
     )
+    # per step, this step's losses then FVUs (one entry per layer each), still on the device
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        """Copy the pending loss curves to the host (one transfer; averaged over ranks)."""
+        if not pending:
+            return
+        block = torch.stack(pending)
+        with timer("communication"):
+            dist.all_reduce_([block], "sum", mean=True)
+        n = len(layers)
+        for row in block.cpu().tolist():
+            for j, layer in enumerate(layers):
+                log.loss[layer].append(row[j])
+                log.fvu[layer].append(row[n + j])
+        pending.clear()
 
     bar = tqdm(total=config.n_tokens, unit="tok", desc="transcoders", disable=not progress)
     buf_x: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     buf_y: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     n_buf = 0
     initialised = False
-    source = harvest(model, batches, layers, device=device)
+    source = harvest(model, batches, layers, device=device, autocast=config.autocast)
     try:
         while log.tokens < config.n_tokens:
             # fill the buffer
             while n_buf < cap:
                 try:
-                    xs, ys = next(source)
+                    with timer("model_forward"):
+                        xs, ys = next(source)
                 except StopIteration:
                     break
                 for layer in layers:
@@ -236,49 +372,78 @@ def train_transcoders(
                     f"The prompts gave only {n_buf} tokens, fewer than one batch ({bs}); "
                     "use more cells or a smaller batch_size."
                 )
-            X = {layer: torch.cat(buf_x[layer]) for layer in layers}
-            Y = {layer: torch.cat(buf_y[layer]) for layer in layers}
+            with timer("other"):
+                X = {layer: torch.cat(buf_x[layer]) for layer in layers}
+                Y = {layer: torch.cat(buf_y[layer]) for layer in layers}
+                buf_x = {layer: [] for layer in layers}
+                buf_y = {layer: [] for layer in layers}
             if not initialised:
-                for layer, tc in transcoders.items():
-                    _initialise_from_data(tc, X[layer][:bs], Y[layer][:bs])
+                unit_decoder = config.activation != "topk"
+                with timer("other"):
+                    for layer, tc in transcoders.items():
+                        _initialise_from_data(tc, X[layer][:bs], Y[layer][:bs])
+                with timer("communication"):
+                    for tc in transcoders.values():
+                        dist.broadcast_module(tc)
                 initialised = True
-            perm = torch.randperm(n_buf, generator=shuffle_gen).to(device)
+            with timer("other"):
+                perm = _to_device(torch.randperm(n_buf, generator=shuffle_gen), device)
             n_full = n_buf // bs
             for b in range(n_full):
                 if log.tokens >= config.n_tokens:
                     break
                 idx = perm[b * bs : (b + 1) * bs]
-                total = torch.zeros((), device=device)
+                # no feature can be dead before dead_tokens tokens: skip AuxK without looking
+                may_be_dead = config.auxk_alpha > 0 and log.tokens > dead_tokens
+                losses, fvus, fired = [], [], []
                 for layer, tc in transcoders.items():
-                    x, y = X[layer][idx], Y[layer][idx]
-                    loss, fvu, fired = _layer_loss(
-                        tc, x, y, config, since_fired[layer] > dead_tokens
-                    )
-                    total = total + loss
-                    since_fired[layer] += bs
-                    since_fired[layer][fired] = 0
-                    log.loss[layer].append(float(loss.detach()))
-                    log.fvu[layer].append(float(fvu))
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                for tc in transcoders.values():
-                    _remove_parallel_grad(tc)
-                opt.step()
-                for tc in transcoders.values():
-                    tc.normalize_decoder()
+                    with timer("other"):
+                        x, y = X[layer][idx], Y[layer][idx]
+                    dead = None
+                    if may_be_dead:
+                        dead = since_fired[layer] > dead_tokens
+                        # on the CPU looking is free; elsewhere AuxK runs, gated on the device
+                        if device.type == "cpu" and not bool(dead.any()):
+                            dead = None
+                    loss, fvu, f = _layer_loss(tc, x, y, config, dead, k_aux, timer, fns)
+                    losses.append(loss)
+                    fvus.append(fvu)
+                    fired.append(f)
+                with timer("optimizer"):
+                    opt.zero_grad(set_to_none=True)
+                with timer("backward"):
+                    torch.stack(losses).sum().backward()
+                with timer("communication"):
+                    _all_reduce_step(params, fired)
+                with timer("optimizer"):
+                    if unit_decoder:
+                        for tc in transcoders.values():
+                            _remove_parallel_grad(tc)
+                    opt.step()
+                    if unit_decoder:
+                        for tc in transcoders.values():
+                            tc.normalize_decoder()
+                with timer("other"):
+                    for layer, f in zip(layers, fired, strict=True):
+                        since_fired[layer].add_(config.batch_size).masked_fill_(f > 0, 0)
+                    pending.append(torch.stack(losses + fvus).detach())
                 log.steps += 1
-                log.tokens += bs
-                bar.update(bs)
-                if log.steps % 10 == 0:
+                log.tokens += config.batch_size
+                bar.update(config.batch_size)
+                if log.steps % _LOG_EVERY == 0:
+                    flush()
                     bar.set_postfix(
                         fvu=f"{sum(log.fvu[la][-1] for la in layers) / len(layers):.3f}"
                     )
             # keep the unused tail of the buffer
-            rest = perm[n_full * bs :]
-            for layer in layers:
-                buf_x[layer] = [X[layer][rest]] if rest.numel() else []
-                buf_y[layer] = [Y[layer][rest]] if rest.numel() else []
-            n_buf = int(rest.numel())
+            with timer("other"):
+                rest = perm[n_full * bs :]
+                for layer in layers:
+                    buf_x[layer] = [X[layer][rest]] if rest.numel() else []
+                    buf_y[layer] = [Y[layer][rest]] if rest.numel() else []
+                n_buf = int(rest.numel())
+                del X, Y
+        flush()
     finally:
         bar.close()
         source.close()
@@ -286,44 +451,198 @@ def train_transcoders(
         log.dead_fraction[layer] = float((since_fired[layer] > dead_tokens).float().mean())
         transcoders[layer].eval()
         transcoders[layer].requires_grad_(False)
+    log.seconds = time.perf_counter() - t_start
+    if config.profile:
+        timings = dict(timer.seconds)
+        timings["other"] = 0.0
+        timings["other"] = max(0.0, log.seconds - sum(timings.values()))
+        log.timings = timings
     return transcoders, log
+
+
+def _all_reduce_step(params: list[nn.Parameter], fired: list[torch.Tensor]) -> None:
+    """Average gradients and fired counts over ranks, in one collective (no-op alone).
+
+    Every rank then agrees on which features fired, hence on which are dead. Missing gradients
+    are zero-filled first so that every rank reduces the same tensors.
+    """
+    if not dist.is_distributed():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    # dist.average_gradients(params) plus the mean of ``fired`` (float; only ``> 0`` is read),
+    # in one flat buffer
+    dist.all_reduce_([*(p.grad for p in params), *fired], "sum", mean=True)
 
 
 @torch.no_grad()
 def _initialise_from_data(tc: Transcoder, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Start at the mean output, with outputs of the same typical size as the MLP's.
+    """Start at the mean output, from the first batch.
 
-    Without this, unit-norm decoder rows times O(1) activations can be orders of magnitude larger
-    than an MLP's output, and the first hundreds of steps only shrink the encoder.
+    TopK: the decoder starts at zero and the encoder bias centres the first batch's inputs
+    (``b_enc = -mean(x) W_enc^T``), as in EleutherAI sparsify's transcoders; decoder rows are then
+    free (not renormalised), and features grow an output only where it lowers the error. Measured
+    on the embedded model (layer 2, 2048-token batches, no AuxK): validation FVU 0.041 after 100
+    steps and 0.017 after 500, against 0.108 and 0.026 starting from random unit-norm decoder rows
+    kept at unit norm, with 0-2% instead of 10% of features never firing.
+
+    ReLU (with its L1 penalty on activation times decoder norm, the paper's setting): decoder rows
+    stay at unit norm and the encoder is scaled so that outputs start at the MLP's typical size;
+    otherwise unit-norm rows times O(1) activations can be orders of magnitude too large and the
+    first hundreds of steps only shrink the encoder.
     """
     tc.b_dec.copy_(y.mean(0))
+    if tc.config.activation == "topk":
+        tc.W_dec.zero_()
+        tc.b_enc.copy_(-(x.mean(0) @ tc.W_enc.T))
+        return
     y_hat = tc(x) - tc.b_dec
     scale = (y - y.mean(0)).norm(dim=-1).median() / y_hat.norm(dim=-1).median().clamp_min(1e-12)
     tc.W_enc.mul_(scale)
     tc.b_enc.mul_(scale)
 
 
-def _layer_loss(
-    tc: Transcoder, x: torch.Tensor, y: torch.Tensor, cfg: TrainingConfig, dead: torch.Tensor
+# -- the per-layer loss ---------------------------------------------------------------------------
+
+
+def _topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    dead: torch.Tensor | None,
+    k_aux: int,
+    sparse: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """TopK ``(values, indices)`` and, when ``dead`` is given, the AuxK candidates (else None)."""
+    if sparse:
+        if dead is None:
+            return *topk_encode(x, W_enc, b_enc, k), None, None
+        return topk_encode(x, W_enc, b_enc, k, dead=dead, k_aux=k_aux)
+    # reference: dense autograd through the (batch, n_features) pre-activations
+    pre = F.relu(F.linear(x, W_enc, b_enc))
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    if dead is None:
+        return values, indices, None, None
+    aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+    return values, indices, aux_values, aux_indices
+
+
+def _topk_decode_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    aux_values: torch.Tensor | None,
+    aux_indices: torch.Tensor | None,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    W_skip: torch.Tensor | None,
+    dead: torch.Tensor | None,
+    auxk_alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss of one layer on one batch; also its FVU and which features fired."""
+    """TopK loss (FVU, plus AuxK when features are dead), the FVU and fire counts per feature."""
     var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
-    pre = F.relu(tc.pre_activations(x))
-    if tc.config.activation == "topk":
-        values, indices = pre.topk(tc.config.k, dim=-1, sorted=False)
-        y_hat = tc.decode_sparse(values, indices, x)
-        fvu = (y_hat - y).pow(2).sum() / var
-        loss = fvu
-        fired = indices[values > 0].unique()
-    else:
+    y_hat = sparse_decode(values, indices, W_dec, b_dec)
+    if W_skip is not None:
+        y_hat = y_hat + F.linear(x, W_skip)
+    fvu = (y_hat - y).pow(2).sum() / var
+    loss = fvu
+    if dead is not None and aux_values is not None:
+        loss = loss + auxk_alpha * _aux_loss(W_dec, aux_values, aux_indices, y - y_hat, dead)
+    fired = torch.zeros(W_dec.shape[0], dtype=y.dtype, device=y.device)
+    fired.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).to(y.dtype))
+    return loss, fvu.detach(), fired
+
+
+def _aux_loss(
+    W_dec: torch.Tensor,
+    aux_values: torch.Tensor,
+    aux_indices: torch.Tensor,
+    residual: torch.Tensor,
+    dead: torch.Tensor,
+) -> torch.Tensor:
+    """AuxK: the top dead features (by ReLU pre-activation) should explain what the others missed.
+
+    ``aux_values, aux_indices``: the ``k_aux`` largest ReLU pre-activations among dead features;
+    when fewer than ``k_aux`` features are dead the others come with value 0 and add nothing, so
+    this is the top-``min(k_aux, n_dead)`` loss of Gao et al. (2024). It is 0 when no feature is
+    dead, decided on the device (no host round trip). The candidates come from the encoder's
+    matmul (one more ``topk`` over ``(batch, n_features)``), paid only once features can be dead.
+    """
+    e_hat = F.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values, mode="sum")
+    denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    any_dead = dead.any().to(residual.dtype)
+    return any_dead * (e_hat - residual.detach()).pow(2).sum() / denom
+
+
+class _LossFunctions:
+    """The TopK encoder and decoder-plus-loss, eager or through :func:`torch.compile`.
+
+    Compilation happens at the first call; if it fails, a warning is logged and the eager
+    functions are used from then on.
+    """
+
+    def __init__(self, compile: bool):
+        self.encode = _MaybeCompiled(_topk_encode, compile)
+        self.decode = _MaybeCompiled(_topk_decode_loss, compile)
+
+
+class _MaybeCompiled:
+    def __init__(self, fn: Callable, compile: bool):
+        self.fn = fn
+        self.compiled: Callable | None = None
+        if compile:
+            try:
+                self.compiled = torch.compile(fn, dynamic=False)
+            except Exception as e:  # any failure means: run eagerly
+                logger.warning("torch.compile(%s) failed, running eagerly: %s", fn.__name__, e)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # any failure means: run eagerly
+                logger.warning("torch.compile(%s) failed, running eagerly: %s", self.fn.__name__, e)
+                self.compiled = None
+        return self.fn(*args)
+
+
+def _layer_loss(
+    tc: Transcoder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainingConfig,
+    dead: torch.Tensor | None,
+    k_aux: int,
+    timer: _Timer,
+    fns: _LossFunctions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of one layer on one batch; also its FVU and how many tokens fired each feature.
+
+    ``dead``: boolean mask of dead features, or ``None`` when none is (then no AuxK).
+    """
+    c = tc.config
+    if c.activation == "topk":
+        with timer("encoder"):
+            enc = fns.encode(x, tc.W_enc, tc.b_enc, c.k, dead, k_aux, cfg.sparse_backward)
+        with timer("decoder"):
+            return fns.decode(x, y, *enc, tc.W_dec, tc.b_dec, tc.W_skip, dead, cfg.auxk_alpha)
+    with timer("encoder"):
+        pre = F.relu(tc.pre_activations(x))
+    with timer("decoder"):
+        var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
         y_hat = tc.decode(pre, x)
         err = (y_hat - y).pow(2).sum()
         fvu = err / var
         l1 = (pre * tc.W_dec.norm(dim=1)).sum(-1).mean()
         loss = err / x.shape[0] + cfg.l1_coefficient * l1
-        fired = (pre > 0).any(0).nonzero().squeeze(-1)
-    if cfg.auxk_alpha > 0:
-        loss = loss + cfg.auxk_alpha * _aux_loss(tc, pre, y - y_hat, dead)
+        fired = (pre > 0).sum(0).to(y.dtype)
+        if dead is not None:
+            aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+            aux = _aux_loss(tc.W_dec, aux_values, aux_indices, y - y_hat, dead)
+            loss = loss + cfg.auxk_alpha * aux
     return loss, fvu.detach(), fired
 
 

@@ -2,7 +2,9 @@
 
 ``f = act(W_enc x + b_enc)``, ``y = W_dec^T f + b_dec (+ W_skip x)``, with ``act`` either TopK
 (keep the ``k`` largest ReLU pre-activations) or ReLU (sparsity from an L1 penalty in training).
-Decoder rows are kept at unit norm, so a feature's activation is its contribution's size.
+Training keeps ReLU transcoders' decoder rows at unit norm (their L1 penalty is on activation
+times decoder norm). TopK transcoders start from a zero decoder and leave its rows free, as
+sparsify does: a feature's contribution to the output is its activation times its row's norm.
 Torch only.
 """
 
@@ -19,6 +21,109 @@ from torch import nn
 
 ACTIVATIONS = ("topk", "relu")
 _WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip")
+
+
+class _TopKEncode(torch.autograd.Function):
+    """TopK of ``relu(x W_enc^T + b_enc)`` whose backward touches only the selected features.
+
+    Forward is one dense matmul and a ``topk``; only ``x``, the indices and the values are kept
+    (not the ``(batch, n_features)`` pre-activations). Backward, with ``g`` the gradient of the
+    values times the ReLU mask: ``grad_x = sum_j g_j W_enc[i_j]`` (``embedding_bag``),
+    ``grad_W_enc[i_j] += g_j x`` (a sparse ``(n_features, batch)`` matrix with ``batch k``
+    entries times ``x``: the index-add of the selected outer products without forming them) and
+    ``grad_b_enc[i_j] += g_j`` (``index_add``), so its cost is ``O(batch k d_in)`` instead of
+    ``O(batch n_features d_in)``.
+
+    Optionally (``dead`` given) it also returns the AuxK candidates from the same matmul: the
+    ``k_aux`` largest ReLU pre-activations among the ``dead`` features (0 where fewer are
+    positive), with the same sparse backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, dead, k_aux):
+        pre = F.relu(F.linear(x, W_enc, b_enc))
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        if dead is not None:
+            aux_values, aux_indices = pre.masked_fill_(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+        else:
+            aux_values = x.new_zeros(x.shape[0], 0)
+            aux_indices = indices.new_zeros(x.shape[0], 0)
+        ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices, grad_aux_values, _grad_aux_indices):
+        x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        g = grad_values * (values > 0)  # ReLU
+        if aux_indices.shape[-1]:
+            g = torch.cat([g, grad_aux_values * (aux_values > 0)], dim=-1)
+            indices = torch.cat([indices, aux_indices], dim=-1)
+        g = g.to(x.dtype)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:
+            # grad_W_enc[i] = sum over (token, slot) choosing feature i of g * x[token]: a sparse
+            # (n_features, batch) matrix with batch * k entries times x, no outer products formed
+            n, kk = indices.shape
+            rows = torch.arange(n, device=x.device).repeat_interleave(kk)
+            G = torch.sparse_coo_tensor(
+                torch.stack([indices.reshape(-1), rows]),
+                g.reshape(-1),
+                (W_enc.shape[0], n),
+                check_invariants=False,
+            )
+            grad_W = torch.sparse.mm(G, x).to(W_enc.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
+            grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    *,
+    dead: torch.Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """``(values, indices)`` of the ``k`` largest ``relu(x W_enc^T + b_enc)`` per row of ``x``.
+
+    The same numbers as ``F.relu(F.linear(x, W_enc, b_enc)).topk(k, sorted=False)`` but its
+    backward is sparse (see :class:`_TopKEncode`): no ``(batch, n_features)`` gradient is ever
+    formed. With a boolean ``dead`` mask over features, also returns ``(aux_values,
+    aux_indices)``: the ``k_aux`` largest ReLU pre-activations among dead features (AuxK).
+    ``x`` may have leading dimensions; outputs are ``(..., k)``.
+    """
+    shape = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    values, indices, aux_values, aux_indices = _TopKEncode.apply(flat, W_enc, b_enc, k, dead, k_aux)
+    out = (values.reshape(*shape, -1), indices.reshape(*shape, -1))
+    if dead is None:
+        return out
+    return *out, aux_values.reshape(*shape, -1), aux_indices.reshape(*shape, -1)
+
+
+def sparse_decode(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum_j values_j W_dec[indices_j] (+ b_dec)``: a gather of ``k`` decoder rows per row.
+
+    ``embedding_bag`` forward and backward: the gradient of ``W_dec`` is accumulated row by row
+    and that of ``values`` is a ``(batch, k)`` gather, never a ``(batch, n_features)`` tensor.
+    """
+    shape = values.shape
+    flat_v = values.reshape(-1, shape[-1])
+    flat_i = indices.reshape(-1, shape[-1])
+    y = F.embedding_bag(flat_i, W_dec, per_sample_weights=flat_v, mode="sum")
+    y = y.reshape(*shape[:-1], -1)
+    return y if b_dec is None else y + b_dec
 
 
 @dataclass(frozen=True)
@@ -115,11 +220,7 @@ class Transcoder(nn.Module):
         self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Output from ``(values, indices)``: a gather of ``k`` decoder rows per token."""
-        shape = values.shape
-        flat_v = values.reshape(-1, shape[-1])
-        flat_i = indices.reshape(-1, shape[-1])
-        y = F.embedding_bag(flat_i, self.W_dec, per_sample_weights=flat_v, mode="sum")
-        y = y.reshape(*shape[:-1], -1) + self.b_dec
+        y = sparse_decode(values, indices, self.W_dec, self.b_dec)
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("This transcoder has a skip connection: pass the input `x`.")

@@ -60,17 +60,15 @@ def interpretability(
     if ax is None:
         _, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) + 2), 3.5))
     fig = ax.figure
-    width = 0.4
-    ax.bar(x - width / 2, table["fraction"], width, label="features", color="#1f77b4")
-    has_base = np.isfinite(table["baseline_fraction"].to_numpy(dtype=float)).any()
-    if has_base:
-        ax.bar(
-            x + width / 2,
-            table["baseline_fraction"],
-            width,
-            label="shuffled gene labels",
-            color="#bbbbbb",
-        )
+    bars = [("fraction", "features", "#1f77b4")]
+    if np.isfinite(table["baseline_fraction"].to_numpy(dtype=float)).any():
+        bars.append(("baseline_fraction", "shuffled gene labels", "#bbbbbb"))
+    if "random_model_fraction" in table.columns:
+        bars.append(("random_model_fraction", "random-init model", "#ff7f0e"))
+    width = 0.8 / len(bars)
+    for i, (column, label, color) in enumerate(bars):
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar(x + offset, table[column], width, label=label, color=color)
     for xi, n in zip(x, table["total_live"], strict=True):
         ax.annotate(
             f"{int(n)}",

@@ -39,6 +39,7 @@ def cell_sentences(
     gene_symbols: str | None = None,
     organism: str | None = None,
     seed: int = 0,
+    chunk_size: int | None = None,
     key_added: str = Key.sentence,
     copy: bool = False,
 ) -> AnnData | None:
@@ -59,8 +60,9 @@ def cell_sentences(
     ----------
     adata
         Annotated data matrix, cells x genes. May be backed (``read_h5ad(..., backed="r")``):
-        cells are read in chunks, and the results are held in memory (save them with
-        ``adata.write()``).
+        the matrix is then read ``chunk_size`` cells at a time and never loaded whole, and the
+        results are held in memory (save them with ``adata.write_h5ad(new_path)``; see
+        ``docs/storage.md``).
     model
         A :class:`~sctranscoder.core.model.C2SModel` whose prompt settings (genes per sentence,
         organism, template) are the defaults. Without one, the Cell2Sentence defaults
@@ -80,6 +82,9 @@ def cell_sentences(
         Organism named in the prompt. Overrides the model's setting.
     seed
         Seed of the shuffle that orders genes of equal expression.
+    chunk_size
+        Cells read and ranked at a time from a backed (or otherwise lazy) matrix, and ranked at a
+        time from an in-memory one (default: 10,000). Sentences do not depend on it.
     key_added
         Name of the ``obs`` column with the sentences, and of the ``uns`` entry with the
         parameters.
@@ -121,20 +126,28 @@ def cell_sentences(
     organism = settings.organism if organism is None else organism
     if isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 1:
         raise ValueError(f"n_genes must be a positive integer, got {n_genes!r}.")
+    chunk_size = _CHUNK_ROWS if chunk_size is None else chunk_size
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, int | np.integer)
+        or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    chunk_size = int(chunk_size)
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     if copy and adata.isbacked:
         raise ValueError(
             "copy=True would load the backed matrix into memory. Use copy=False (a backed "
-            "AnnData holds obs and uns in memory; save them with `adata.write()`), or call "
-            "`adata.to_memory()` first."
+            "AnnData holds obs and uns in memory; save them with `adata.write_h5ad(new_path)`), "
+            "or call `adata.to_memory()` first."
         )
 
     if adata.n_obs == 0:
         raise ValueError("adata has no cells.")
 
-    X, var, source = _select_matrix(adata, layer=layer, use_raw=use_raw)
-    data_kind = _data_kind(X)
+    X, var, source = _select_matrix(adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
+    data_kind = _data_kind(X, chunk_size)
     var_where = "adata.raw.var" if source == "raw" else "adata.var"
     symbols = _gene_symbols(var, gene_symbols, var_where)
     logger.info(
@@ -144,7 +157,12 @@ def cell_sentences(
         n_genes,
     )
     sentences, lengths = _rank(
-        X, symbols, n_genes=int(n_genes), seed=seed, ids=cell_ids(adata.obs_names)
+        X,
+        symbols,
+        n_genes=int(n_genes),
+        seed=seed,
+        ids=cell_ids(adata.obs_names),
+        chunk_size=chunk_size,
     )
     empty = np.flatnonzero(lengths == 0)
     if empty.size:
@@ -203,7 +221,9 @@ def _describe(source: str) -> str:
     return f"adata.layers[{source.removeprefix('layers/')!r}]"
 
 
-def _select_matrix(adata: AnnData, *, layer: str | None, use_raw: bool | None):
+def _select_matrix(
+    adata: AnnData, *, layer: str | None, use_raw: bool | None, chunk_size: int = _CHUNK_ROWS
+):
     """The matrix to rank, its var table and its source (``"X"``, ``"raw"``, ``"layers/…"``)."""
     if layer is not None:
         if use_raw:
@@ -213,7 +233,7 @@ def _select_matrix(adata: AnnData, *, layer: str | None, use_raw: bool | None):
                 f"No layer {layer!r} in adata.layers; available layers: {list(adata.layers)}."
             )
         source = f"layers/{layer}"
-        _raise_if_invalid(adata.layers[layer], source)
+        _raise_if_invalid(adata.layers[layer], source, chunk_size)
         return adata.layers[layer], adata.var, source
     if use_raw:
         if adata.raw is None:
@@ -221,13 +241,13 @@ def _select_matrix(adata: AnnData, *, layer: str | None, use_raw: bool | None):
                 "use_raw=True but adata.raw is not set. Use `layer=` to name a layer with counts "
                 "or log-normalised values, or leave use_raw unset to read adata.X."
             )
-        _raise_if_invalid(adata.raw.X, "raw")
+        _raise_if_invalid(adata.raw.X, "raw", chunk_size)
         return adata.raw.X, adata.raw.var, "raw"
-    problem = _value_problem(adata.X)
+    problem = _value_problem(adata.X, chunk_size)
     if problem is None:
         return adata.X, adata.var, "X"
     if use_raw is None and adata.raw is not None:
-        raw_problem = _value_problem(adata.raw.X)
+        raw_problem = _value_problem(adata.raw.X, chunk_size)
         if raw_problem is None:
             logger.info("adata.X %s: using adata.raw.X instead", problem)
             return adata.raw.X, adata.raw.var, "raw"
@@ -235,8 +255,8 @@ def _select_matrix(adata: AnnData, *, layer: str | None, use_raw: bool | None):
     raise ValueError(_invalid_message("X", problem))
 
 
-def _raise_if_invalid(X, source: str) -> None:
-    problem = _value_problem(X)
+def _raise_if_invalid(X, source: str, chunk_size: int = _CHUNK_ROWS) -> None:
+    problem = _value_problem(X, chunk_size)
     if problem is not None:
         raise ValueError(_invalid_message(source, problem))
 
@@ -262,21 +282,25 @@ def _values(block) -> np.ndarray:
     return np.asarray(block)
 
 
-def _blocks(X):
-    """The values of ``X``: whole when in memory, chunk by chunk when backed or lazy."""
-    if sparse.issparse(X) or isinstance(X, np.ndarray):
+def _in_memory(X) -> bool:
+    return sparse.issparse(X) or isinstance(X, np.ndarray)
+
+
+def _blocks(X, chunk_size: int = _CHUNK_ROWS):
+    """The values of ``X``: whole when in memory, ``chunk_size`` rows at a time when backed."""
+    if _in_memory(X):
         yield _values(X)
         return
-    for start in range(0, X.shape[0], _CHUNK_ROWS):
-        yield _values(X[start : start + _CHUNK_ROWS])
+    for start in range(0, X.shape[0], chunk_size):
+        yield _values(X[start : start + chunk_size])
 
 
-def _value_problem(X) -> str | None:
+def _value_problem(X, chunk_size: int = _CHUNK_ROWS) -> str | None:
     """What makes ``X`` unusable for ranking (checked on every value), or ``None``."""
     if X is None:
         return "is empty (None)"
     lowest = np.inf
-    for values in _blocks(X):
+    for values in _blocks(X, chunk_size):
         if values.size == 0:
             continue
         if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
@@ -287,11 +311,16 @@ def _value_problem(X) -> str | None:
     return None
 
 
-def _data_kind(X) -> DataKind:
+def _data_kind(X, chunk_size: int = _CHUNK_ROWS) -> DataKind:
     """``"counts"`` when the sampled non-zeros are all integers, else ``"log-normalised"``."""
     n_obs = X.shape[0]
     rows = np.unique(np.linspace(0, n_obs - 1, num=min(n_obs, _SAMPLE_ROWS)).astype(np.int64))
-    values = _values(X[rows])
+    if _in_memory(X):
+        values = _values(X[rows])
+    else:  # at most chunk_size rows per read of a backed matrix
+        values = np.concatenate(
+            [_values(X[rows[i : i + chunk_size]]).ravel() for i in range(0, rows.size, chunk_size)]
+        )
     if np.issubdtype(values.dtype, np.integer) or values.dtype == bool:
         return "counts"
     values = values[values != 0]
@@ -336,14 +365,20 @@ def _gene_symbols(var: pd.DataFrame, gene_symbols: str | None, where: str) -> np
 
 
 def _rank(
-    X, symbols: np.ndarray, *, n_genes: int, seed: int, ids: np.ndarray
+    X,
+    symbols: np.ndarray,
+    *,
+    n_genes: int,
+    seed: int,
+    ids: np.ndarray,
+    chunk_size: int = _CHUNK_ROWS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sentences (space-joined) and their lengths, ranking ``_CHUNK_ROWS`` cells at a time."""
+    """Sentences (space-joined) and their lengths, ranking ``chunk_size`` cells at a time."""
     n_obs = X.shape[0]
     sentences = np.empty(n_obs, dtype=object)
     lengths = np.zeros(n_obs, dtype=np.int64)
-    for start in range(0, n_obs, _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, n_obs)
+    for start in range(0, n_obs, chunk_size):
+        stop = min(start + chunk_size, n_obs)
         block = X[start:stop]
         if not (sparse.issparse(block) or isinstance(block, np.ndarray)):
             block = np.asarray(block)

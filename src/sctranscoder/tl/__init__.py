@@ -5,6 +5,7 @@ from ._circuit_enrichment import circuit_enrichment
 from ._feature_activations import feature_activations
 from ._feature_genes import feature_genes
 from ._gene_attribution import gene_attribution
+from ._random_model_baseline import random_model_baseline
 from ._rank_features_groups import rank_features_groups
 from ._score_circuit import score_circuit
 from ._trace_circuit import trace_circuit
@@ -16,6 +17,7 @@ __all__ = [
     "feature_activations",
     "feature_genes",
     "gene_attribution",
+    "random_model_baseline",
     "rank_features_groups",
     "score_circuit",
     "trace_circuit",

@@ -58,7 +58,10 @@ def feature_activations(
     Parameters
     ----------
     adata
-        Annotated data with cell sentences and transcoders (:func:`train_transcoders`).
+        Annotated data with cell sentences and transcoders (:func:`train_transcoders`). May be
+        backed (``anndata.read_h5ad(path, backed="r")``): only ``obs``, ``var`` and ``uns`` are
+        read, cells go through the model ``batch_size`` at a time, and the results are held in
+        memory (save them with ``adata.write_h5ad(new_path)``).
     model
         The base model; default: the one recorded in ``adata.uns[key]["model"]``. Its fingerprint
         must match the recorded one.
@@ -77,7 +80,7 @@ def feature_activations(
     progress
         Show a progress bar.
     copy
-        Return a copy instead of writing to ``adata``.
+        Return a copy instead of writing to ``adata`` (not for a backed ``adata``).
 
     Returns
     -------
@@ -99,6 +102,12 @@ def feature_activations(
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
     if batch_size < 1:
         raise ValueError("batch_size must be positive.")
+    if copy and adata.isbacked:
+        raise ValueError(
+            "copy=True would load the backed matrix into memory. Use copy=False (results go to "
+            "obsm, varm and uns, held in memory; save them with `adata.write_h5ad(new_path)`), "
+            "or call `adata.to_memory()` first."
+        )
     run = activation_pass(adata, model, key=key, layers=layers, sentence_key=sentence_key)
     sentences, transcoders, sentence_key, layers = (
         run.sentences,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -11,6 +12,7 @@ import torch
 
 from .._constants import Key
 from .._store import gene_lists, model_record, transcoders_to_uns
+from ..core import distributed as dist
 from ..core.evaluation import layer_metrics, replacement_hooks, replacement_metrics
 from ..core.hooks import replace_mlp_outputs
 from ..core.model import C2SModel, greedy_answers, load_model
@@ -60,6 +62,8 @@ def train_transcoders(
     validation_fraction: float = 0.1,
     seed: int = 0,
     device: str | None = None,
+    autocast: Literal["bf16", "fp16"] | None = None,
+    compile: bool = False,
     sentence_key: str = Key.sentence,
     key_added: str = Key.uns,
     progress: bool = True,
@@ -72,6 +76,21 @@ def train_transcoders(
     one forward pass of the model over a shuffled stream of the training cells' prompt tokens;
     memory is bounded by a shuffle buffer whatever the number of cells. Cells are split at random
     (seeded) into training and validation; quality is measured on the validation cells.
+
+    **Data-parallel training.** Launched with ``torchrun`` and called after
+    ``torch.distributed.init_process_group()`` (more than one rank), every rank computes the same
+    seeded split, runs the model only on its shard of the training cells (every
+    ``world_size``-th cell, from position ``rank``), and trains an identical copy of the
+    transcoders: they are initialised on rank 0 and broadcast, and gradients are averaged over
+    ranks at every step. ``batch_size`` and ``n_tokens`` stay global (each step uses
+    ``batch_size // world_size`` tokens per rank). Validation is not sharded: every rank evaluates
+    all validation cells, and rank 0's metrics are broadcast, so every rank ends with the same
+    ``adata.uns[key_added]`` and ``adata.obs`` column; save from rank 0 only. See
+    ``docs/scaling.md``.
+
+    **Backed AnnData.** Only ``adata.obs[sentence_key]`` is read, so ``adata`` may be opened with
+    ``anndata.read_h5ad(path, backed="r")``; the results go to ``uns`` and ``obs``, which are held
+    in memory (save with ``adata.write_h5ad(new_path)``).
 
     Parameters
     ----------
@@ -109,7 +128,15 @@ def train_transcoders(
     seed
         Seed of the split, initialisation and shuffling.
     device
-        ``"cpu"``, ``"cuda"``, ... (default: where the model is).
+        ``"cpu"``, ``"cuda"``, ... Default: where the model is; in data-parallel training with
+        CUDA available, ``cuda:<LOCAL_RANK>`` (the GPU ``torchrun`` assigns to the rank).
+    autocast
+        Run the frozen model's forward pass in ``"bf16"`` or ``"fp16"`` (``torch.autocast``; the
+        GPU setting); its MLP inputs and outputs are cast back to float32 for the transcoders,
+        which always train in float32. Default: the model's own precision.
+    compile
+        ``torch.compile`` the transcoders' encoder and decoder-plus-loss (falls back to eager,
+        with a logged warning, where compilation fails).
     sentence_key
         ``adata.obs`` column with the cell sentences.
     key_added
@@ -117,7 +144,7 @@ def train_transcoders(
     progress
         Show a progress bar.
     copy
-        Return a copy instead of writing to ``adata``.
+        Return a copy instead of writing to ``adata`` (not for a backed ``adata``).
 
     Returns
     -------
@@ -127,7 +154,9 @@ def train_transcoders(
         Per layer (``"layer_<i>"``): ``config`` and the weights ``W_enc`` (features x d_in),
         ``b_enc``, ``W_dec`` (features x d_out), ``b_dec`` (and ``W_skip``), float32 arrays.
     ``adata.uns[key_added]["params"]`` : dict
-        The training parameters, trained layers and tokens seen.
+        The training parameters, trained layers, tokens seen (over all ranks), ``world_size``
+        (number of data-parallel ranks, 1 without ``torch.distributed``) and ``device`` (rank
+        0's).
     ``adata.uns[key_added]["model"]`` : dict
         Base model name, fingerprint (checked whenever the transcoders are used), architecture
         and prompt settings.
@@ -147,6 +176,18 @@ def train_transcoders(
     """
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
+    if copy and adata.isbacked:
+        raise ValueError(
+            "copy=True would load the backed matrix into memory. Use copy=False (a backed "
+            "AnnData holds obs and uns in memory; save them with `adata.write_h5ad(new_path)`), "
+            "or call `adata.to_memory()` first."
+        )
+    n_ranks = dist.world_size()
+    if batch_size % n_ranks:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of the number of ranks ({n_ranks}): "
+            "it is the global batch, split evenly over the ranks."
+        )
     if model is None:
         from ..datasets import tiny_c2s
 
@@ -175,7 +216,11 @@ def train_transcoders(
         batch_size=batch_size,
         n_tokens=n_tokens,
         seed=seed,
+        autocast=autocast,
+        compile=compile,
     )
+    if device is None:
+        device = _default_device()
     if device is not None:
         model.model.to(device)
     dev = model.device
@@ -185,10 +230,28 @@ def train_transcoders(
     is_val[rng.choice(n_cells, size=n_val, replace=False)] = True
     train_cells, val_cells = np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
+    # Data parallel: the split above is the same on every rank; each rank streams its own shard.
+    rank_cells = np.asarray(dist.shard(train_cells))
+    if rank_cells.size == 0:
+        raise ValueError(
+            f"{train_cells.size} training cells cannot be shared by {n_ranks} ranks: use more "
+            "cells or fewer ranks."
+        )
+
     start = time.perf_counter()
-    logger.info("training transcoders on %d cells (%d for validation)", train_cells.size, n_val)
+    if n_ranks > 1:
+        logger.info(
+            "training transcoders on %d cells (%d for validation), %d ranks (%d cells on rank %d)",
+            train_cells.size,
+            n_val,
+            n_ranks,
+            rank_cells.size,
+            dist.rank(),
+        )
+    else:
+        logger.info("training transcoders on %d cells (%d for validation)", train_cells.size, n_val)
     stream = prompt_batches(
-        model, sentences, train_cells, batch_size=prompt_batch_size, seed=seed, repeat=True
+        model, sentences, rank_cells, batch_size=prompt_batch_size, seed=seed, repeat=True
     )
     d = model.d_model
     transcoders, log = _train(
@@ -208,16 +271,22 @@ def train_transcoders(
             model, sentences, val_cells, batch_size=prompt_batch_size, seed=None, repeat=False
         )
 
+    # Not sharded: every rank evaluates all validation cells (no collective while some ranks
+    # work and others wait), then rank 0's numbers are broadcast so that every rank stores the
+    # same record, bit for bit.
     per_layer = layer_metrics(model.model, transcoders, val_stream(), device=dev)
     whole = replacement_metrics(model.model, transcoders, val_stream(), device=dev)
     whole["prediction_agreement"] = _prediction_agreement(model, transcoders, sentences, val_cells)
+    per_layer, whole, train_dead, tokens_seen, steps, train_seconds, dev_name = _from_rank0(
+        (per_layer, whole, log.dead_fraction, log.tokens, log.steps, train_seconds, str(dev)), dev
+    )
     metrics_df = pd.DataFrame(
         {
             "layer": layers,
             "fvu": [per_layer[x]["fvu"] for x in layers],
             "l0": [per_layer[x]["l0"] for x in layers],
             "dead_fraction": [per_layer[x]["dead_fraction"] for x in layers],
-            "train_dead_fraction": [log.dead_fraction[x] for x in layers],
+            "train_dead_fraction": [train_dead[x] for x in layers],
             "n_tokens": [int(per_layer[x]["n_tokens"]) for x in layers],
         },
         index=[Key.layer(x) for x in layers],
@@ -227,13 +296,14 @@ def train_transcoders(
     params.update(
         layers=np.asarray(layers, dtype=np.int64),
         lr=float(config.learning_rate(expansion_factor * d)),
-        tokens_seen=int(log.tokens),
-        steps=int(log.steps),
+        tokens_seen=int(tokens_seen),
+        steps=int(steps),
         prompt_batch_size=int(prompt_batch_size),
         validation_fraction=float(validation_fraction),
         sentence_key=sentence_key,
         train_seconds=float(train_seconds),
-        device=str(dev),
+        device=dev_name,
+        world_size=int(n_ranks),
     )
     record = {
         "params": params,
@@ -261,6 +331,26 @@ def train_transcoders(
         f"{key_added}_split",
     )
     return adata if copy else None
+
+
+def _default_device() -> str | None:
+    """``cuda:<LOCAL_RANK>`` in data-parallel training with CUDA, else ``None`` (keep the model's)."""
+    if not dist.is_distributed() or not torch.cuda.is_available():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.rank()))
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def _from_rank0(obj, device: torch.device):
+    """``obj`` as rank 0 has it (a small picklable object); ``obj`` itself without ranks."""
+    if not dist.is_distributed():
+        return obj
+    import torch.distributed as tdist
+
+    box = [obj]
+    # NCCL moves the pickled object through the rank's GPU; gloo through the CPU.
+    tdist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
 
 
 @torch.no_grad()

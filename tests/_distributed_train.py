@@ -1,0 +1,72 @@
+"""Helper of ``test_distributed.py``: train transcoders on a fixed subset of pbmc68k_reduced.
+
+Run plainly (one process) or under ``torchrun`` (gloo, CPU); every rank writes its transcoder
+weights to ``<out>/rank<r>.npz`` and its metrics and parameters to ``<out>/rank<r>.json``.
+
+    python tests/_distributed_train.py OUT N_CELLS N_TOKENS BATCH_SIZE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def main(out: Path, n_cells: int, n_tokens: int, batch_size: int) -> None:
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun
+        dist.init_process_group("gloo")
+    import scanpy as sc
+
+    import sctranscoder as sct
+    from sctranscoder.core.distributed import rank
+
+    adata = sc.datasets.pbmc68k_reduced()[:n_cells].copy()
+    model = sct.datasets.tiny_c2s()
+    sct.pp.cell_sentences(adata, model=model)
+    sct.tl.train_transcoders(
+        adata, model, n_tokens=n_tokens, batch_size=batch_size, device="cpu", progress=False
+    )
+    rec = adata.uns["sct"]
+    r = rank()
+    np.savez(
+        out / f"rank{r}.npz",
+        **{
+            f"{layer}/{k}": v
+            for layer, d in rec["transcoders"].items()
+            for k, v in d.items()
+            if isinstance(v, np.ndarray)
+        },
+    )
+    params = {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v)
+        for k, v in rec["params"].items()
+        if k != "train_seconds"
+    }
+    (out / f"rank{r}.json").write_text(
+        json.dumps(
+            {
+                "layers": rec["metrics"]["layers"].to_dict(orient="list"),
+                "model": rec["metrics"]["model"],
+                "params": params,
+                "train_seconds": rec["params"]["train_seconds"],
+                "split": adata.obs["sct_split"].astype(str).tolist(),
+            }
+        )
+    )
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out, n_cells, n_tokens, batch_size = sys.argv[1:5]
+    main(Path(out), int(n_cells), int(n_tokens), int(batch_size))

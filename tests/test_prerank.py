@@ -1,0 +1,428 @@
+"""Preranked GSEA of many rankings (prerank_many) and its use in annotate_features."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import sctranscoder as sct
+from sctranscoder._enrichment import best_prerank_terms, prerank, prerank_many
+from sctranscoder._genesets import gene_sets as load_gene_sets
+from sctranscoder.get._features import feature_table
+from sctranscoder.tl._annotate_features import annotate_features
+from sctranscoder.tl._feature_genes import feature_genes
+
+N_GENES = 300
+GENES = [f"G{i}" for i in range(N_GENES)]
+GSEA_COLUMNS = ["gsea_best_term", "gsea_best_nes", "gsea_best_fdr", "gsea_interpretable"]
+SUMMARY = [
+    "layer",
+    "total_live",
+    "interpretable",
+    "fraction",
+    "baseline_interpretable",
+    "baseline_fraction",
+    "seconds",
+]
+GSEA_SUMMARY = [
+    "gsea_interpretable",
+    "gsea_fraction",
+    "gsea_baseline_interpretable",
+    "gsea_baseline_fraction",
+    "gsea_seconds",
+]
+
+
+@pytest.fixture(scope="module")
+def toy_sets() -> dict[str, list[str]]:
+    """12 random sets of four sizes over ``GENES`` (no "__" in names: gseapy splits on it)."""
+    rng = np.random.default_rng(1)
+    return {f"S{j}": list(rng.choice(GENES, 10 + 5 * (j % 4), replace=False)) for j in range(12)}
+
+
+def _rankings(sets: dict[str, list[str]]) -> np.ndarray:
+    """Three tie-free rankings: one with S0 pushed up, one with S3 pushed down, one plain."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(3, N_GENES))
+    X[0, [GENES.index(g) for g in sets["S0"]]] += 1.5
+    X[1, [GENES.index(g) for g in sets["S3"]]] -= 1.5
+    return X
+
+
+# --- prerank_many against gseapy ----------------------------------------------------------------
+
+
+def test_prerank_many_matches_gseapy(toy_sets):
+    """ES equal to 1e-6; NES, p and FDR within Monte Carlo error of two 2000-permutation nulls.
+
+    Tolerances: NES relative 8% (the same-sign null mean from ~1000 draws has a relative
+    standard error of ~1.5% on each side); nominal p ``4 * sqrt(2 p (1 - p) / 1000) + 0.01``
+    (4 standard errors of a difference of two binomial fractions from ~1000 same-sign draws);
+    FDR q absolute 0.15 (a ratio of two such fractions over only 12 sets).
+    """
+    X = _rankings(toy_sets)
+    ours = prerank_many(X, GENES, toy_sets, permutations=2000, seed=0)
+    assert list(ours.columns) == ["query", "term", "size", "es", "nes", "pvalue", "fdr"]
+    assert len(ours) == 3 * len(toy_sets)
+    for q in range(3):
+        ref = prerank(pd.Series(X[q], index=GENES), toy_sets, permutations=2000, seed=1)
+        ref = ref.set_index("term")
+        mine = ours[ours["query"] == q].set_index("term").loc[ref.index]
+        np.testing.assert_allclose(mine["es"], ref["es"], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(mine["nes"], ref["nes"], rtol=0.08)
+        p = ref["pvalue"].to_numpy()
+        tol = 4 * np.sqrt(2 * p * (1 - p) / 1000) + 0.01
+        assert (np.abs(mine["pvalue"].to_numpy() - p) <= tol).all()
+        np.testing.assert_allclose(mine["fdr"], ref["fdr"], atol=0.15)
+        assert set(mine.index) == set(toy_sets)
+        assert (mine["size"] == [len(toy_sets[t]) for t in mine.index]).all()
+    # the planted sets are found, in the right direction
+    s0 = ours[(ours["query"] == 0) & (ours["term"] == "S0")].iloc[0]
+    s3 = ours[(ours["query"] == 1) & (ours["term"] == "S3")].iloc[0]
+    assert s0["nes"] > 1.5 and s0["fdr"] < 0.05
+    assert s3["nes"] < -1.5 and s3["fdr"] < 0.05
+
+
+def test_zero_tail_matches_gseapy_es(toy_sets):
+    """A feature that fired on few genes: most scores 0; the ES does not depend on their order.
+
+    gseapy orders the tied zeros arbitrarily; for every set with a scored gene its ES is still
+    ours (the walk only falls through the zeros). NES and p agree for positive sets.
+    """
+    rng = np.random.default_rng(3)
+    x = np.zeros(N_GENES)
+    fired = rng.choice(N_GENES, 40, replace=False)
+    x[fired] = rng.random(40) + 0.1
+    scored = {t: g for t, g in toy_sets.items() if any(x[GENES.index(s)] > 0 for s in g)}
+    ours = prerank_many(x[None, :], GENES, scored, permutations=2000, seed=0).set_index("term")
+    ref = prerank(pd.Series(x, index=GENES), scored, permutations=2000, seed=5).set_index("term")
+    mine = ours.loc[ref.index]
+    np.testing.assert_allclose(mine["es"], ref["es"], atol=1e-6, rtol=0)
+    pos = ref["es"] > 0
+    assert pos.any()
+    np.testing.assert_allclose(mine.loc[pos, "nes"], ref.loc[pos, "nes"], rtol=0.08)
+    p = ref.loc[pos, "pvalue"].to_numpy()
+    tol = 4 * np.sqrt(2 * p * (1 - p) / 1000) + 0.01
+    assert (np.abs(mine.loc[pos, "pvalue"].to_numpy() - p) <= tol).all()
+
+
+def test_unweighted_block_walk_matches_gseapy(toy_sets):
+    """weight=0 (classic KS) takes the tie-block walk; without ties it is gseapy's ES."""
+    import gseapy
+
+    X = _rankings(toy_sets)
+    ours = prerank_many(X[:1], GENES, toy_sets, permutations=50, weight=0.0).set_index("term")
+    rnk = pd.Series(X[0], index=GENES).sort_values(ascending=False)
+    res = gseapy.prerank(
+        rnk=rnk,
+        gene_sets=toy_sets,
+        outdir=None,
+        no_plot=True,
+        permutation_num=50,
+        weight=0,
+        min_size=5,
+        max_size=500,
+        seed=0,
+        verbose=False,
+    ).res2d.set_index("Term")
+    np.testing.assert_allclose(
+        ours.loc[res.index, "es"], res["ES"].to_numpy(dtype=float), atol=1e-6, rtol=0
+    )
+
+
+# --- ties, zeros, determinism ------------------------------------------------------------------
+
+
+def test_ties_do_not_depend_on_gene_order(toy_sets):
+    rng = np.random.default_rng(4)
+    X = np.round(rng.random((4, N_GENES)), 1)  # 11 distinct values: many ties
+    X[1, rng.random(N_GENES) < 0.8] = 0.0
+    X[2] = 0.0  # never fired
+    for weight in (1.0, 0.0):
+        a = prerank_many(X, GENES, toy_sets, permutations=200, seed=0, weight=weight)
+        order = rng.permutation(N_GENES)
+        b = prerank_many(
+            X[:, order],
+            [GENES[i] for i in order],
+            toy_sets,
+            permutations=200,
+            seed=0,
+            weight=weight,
+        )
+        pd.testing.assert_frame_equal(a, b, rtol=1e-12)
+    # an all-zero ranking: ES 0, NES 0, p 1, FDR 1 for every set
+    zero = a[a["query"] == 2]
+    assert (zero["es"] == 0).all() and (zero["nes"] == 0).all()
+    assert (zero["pvalue"] == 1).all() and (zero["fdr"] == 1).all()
+    assert best_prerank_terms(a, [0, 1, 2, 3]).loc[2].isna().all()
+    # a set whose genes all scored 0: equal weights, at the bottom, ES <= 0
+    sparse_row = a[a["query"] == 1].set_index("term")
+    unscored = [t for t, g in toy_sets.items() if all(X[1, GENES.index(s)] == 0 for s in g)]
+    assert (sparse_row.loc[unscored, "es"] <= 0).all()
+
+
+def test_seed_chunking_and_input_types(toy_sets):
+    rng = np.random.default_rng(6)
+    X = np.where(rng.random((7, N_GENES)) < 0.3, rng.random((7, N_GENES)), 0.0)
+    X[3] = rng.normal(size=N_GENES)  # dense, with negative scores
+    names = [f"F{i}" for i in range(7)]
+    base = prerank_many(X, GENES, toy_sets, permutations=300, seed=3, query_names=names)
+    again = prerank_many(X, GENES, toy_sets, permutations=300, seed=3, query_names=names)
+    pd.testing.assert_frame_equal(base, again)
+    for chunk in (1, 2, 5):
+        chunked = prerank_many(
+            sp.csr_matrix(X), GENES, toy_sets, permutations=300, seed=3, query_names=names,
+            chunk_size=chunk,
+        )  # fmt: skip
+        pd.testing.assert_frame_equal(chunked, base, rtol=1e-12)
+    assert list(pd.unique(base["query"])) == names
+    other = prerank_many(X, GENES, toy_sets, permutations=300, seed=4, query_names=names)
+    other, same = (t.set_index(["query", "term"]).sort_index() for t in (other, base))
+    np.testing.assert_array_equal(other["es"], same["es"])  # the ES does not use the null
+    assert not np.array_equal(other["pvalue"].to_numpy(), same["pvalue"].to_numpy())
+    best = prerank_many(
+        X, GENES, toy_sets, permutations=300, seed=3, query_names=names, report="best"
+    )
+    pd.testing.assert_frame_equal(best, best_prerank_terms(base, names))
+    assert list(best.columns) == ["term", "size", "es", "nes", "pvalue", "fdr"]
+    assert (best["nes"].dropna() > 0).all()
+
+
+@pytest.mark.parametrize("sparse_ranking", [False, True])
+def test_planted_sets_are_found_and_shuffled_ones_are_not(sparse_ranking):
+    """Query q's top genes are exactly set T_q: T_q is its best term at FDR < 0.05.
+
+    Dense rankings (every other gene a small score) use gseapy's weight 1; sparse ones (every
+    other gene 0, like a feature that fired on few genes) weight 0, since with weight 1 the
+    walk saturates there (see prerank_many).
+    """
+    rng = np.random.default_rng(7)
+    n, genes = 500, [f"G{i}" for i in range(500)]
+    sets = {f"T{j}": list(rng.choice(genes, 25, replace=False)) for j in range(20)}
+    X = np.zeros((8, n)) if sparse_ranking else rng.random((8, n)) * 0.5
+    for q in range(8):
+        idx = [genes.index(g) for g in sets[f"T{q}"]]
+        X[q, idx] = 1.0 + rng.random(25)  # the set's genes on top
+    kwargs = {"permutations": 1000, "seed": 0, "report": "best"}
+    kwargs["weight"] = 0.0 if sparse_ranking else 1.0
+    best = prerank_many(X, genes, sets, **kwargs)
+    assert list(best["term"]) == [f"T{q}" for q in range(8)]
+    assert (best["fdr"] < 0.05).all() and (best["nes"] > 1).all()
+    shuffled = X[:, rng.permutation(n)]
+    best = prerank_many(shuffled, genes, sets, **kwargs)
+    assert not (best["fdr"] < 0.05).any()
+
+
+def test_prerank_many_errors(toy_sets):
+    X = np.zeros((2, N_GENES))
+    with pytest.raises(ValueError, match="columns"):
+        prerank_many(X[:, :-1], GENES, toy_sets)
+    with pytest.raises(ValueError, match="finite"):
+        prerank_many(np.full((1, N_GENES), np.nan), GENES, toy_sets)
+    with pytest.raises(ValueError, match="duplicated"):
+        prerank_many(X, ["g0", *GENES[:-2], "G0"], toy_sets)
+    with pytest.raises(ValueError, match="permutations"):
+        prerank_many(X, GENES, toy_sets, permutations=0)
+    with pytest.raises(ValueError, match="min_size"):
+        prerank_many(X, GENES, toy_sets, min_size=100)
+    with pytest.raises(ValueError, match="query_names"):
+        prerank_many(X, GENES, toy_sets, query_names=["a"])
+
+
+# --- annotate_features with method="prerank" / "both" ----------------------------------------
+
+
+def _synthetic(n_features: int = 12) -> tuple[ad.AnnData, dict[str, list[str]]]:
+    """An AnnData with a hand-made feature_genes record: feature j < 6 fires on set j's genes.
+
+    Features 0-5 fire (high mean activation) on exactly the genes of set ``P<j>``, features 6-9
+    on random genes, 10-11 are dead.
+    """
+    rng = np.random.default_rng(8)
+    n_genes = 400
+    genes = np.array([f"Gene{i}" for i in range(n_genes)])
+    sets = {f"P{j}": list(rng.choice(genes, 20, replace=False)) for j in range(10)}
+    upper = [g.upper() for g in genes]
+    sets = {k: [g.upper() for g in v] for k, v in sets.items()}
+    cells = rng.integers(1, 50, size=n_genes).astype(np.int64)
+    sums = np.zeros((n_genes, n_features), dtype=np.float32)
+    for j in range(10):
+        idx = (
+            [upper.index(g) for g in sets[f"P{j}"]]
+            if j < 6
+            else rng.choice(n_genes, 20, replace=False)
+        )
+        sums[idx, j] = (cells[idx] * (1.0 + rng.random(len(idx)))).astype(np.float32)
+    counts = (sums > 0).astype(np.int32)
+    rate = np.r_[np.full(10, 0.01), np.zeros(n_features - 10)]
+    with np.errstate(divide="ignore"):
+        log_rate = np.log10(rate)
+    top = [";".join(genes[np.argsort(-sums[:, j], kind="stable")[:20]]) for j in range(n_features)]
+    table = pd.DataFrame(
+        {
+            "firing_rate": rate,
+            "log10_firing_rate": log_rate,
+            "live": log_rate >= -3,
+            "n_genes": counts.sum(0).astype(np.int64),
+            "top_genes": top,
+            "top_gene_counts": ["1"] * n_features,
+        },
+        index=[f"L0F{j}" for j in range(n_features)],
+    )
+    adata = ad.AnnData(np.zeros((3, 2), dtype=np.float32))
+    adata.uns["sct"] = {
+        "features": {
+            "layer_0": table,
+            "layer_0_gene_counts": sp.csr_matrix(counts),
+            "layer_0_gene_sums": sp.csr_matrix(sums),
+            "genes": genes,
+            "gene_cells": cells,
+            "params": {
+                "layers": np.array([0]),
+                "n_top": 50,
+                "live_threshold": -3.0,
+                "sentence_key": "cell_sentence",
+                "n_tokens": 100,
+                "n_cells": 3,
+            },
+        }
+    }
+    return adata, sets
+
+
+def test_annotate_prerank_finds_planted_features_and_round_trips(tmp_path):
+    adata, sets = _synthetic()
+    annotate_features(
+        adata, sets, method="both", n_top_genes=20, permutations=500, gsea_weight=0.0, seed=0
+    )
+    table = feature_table(adata, 0)
+    for col in GSEA_COLUMNS:
+        assert col in table
+    planted = table.iloc[:6]
+    assert list(planted["gsea_best_term"]) == [f"P{j}" for j in range(6)]
+    assert planted["gsea_interpretable"].all() and (planted["gsea_best_nes"] > 1).all()
+    assert list(planted["best_term"]) == [f"P{j}" for j in range(6)]  # ORA agrees
+    dead = table.iloc[10:]
+    assert (dead["gsea_best_term"] == "").all() and dead["gsea_best_fdr"].isna().all()
+    assert not dead["gsea_interpretable"].any()
+    np.testing.assert_array_equal(
+        table["gsea_interpretable"], table["gsea_best_fdr"].to_numpy() < 0.05
+    )
+
+    summary = adata.uns["sct"]["interpretability"]
+    assert list(summary.columns) == SUMMARY + GSEA_SUMMARY
+    row = summary.iloc[0]
+    assert row["total_live"] == 10
+    assert row["gsea_interpretable"] == table["gsea_interpretable"].sum() >= 6
+    assert row["gsea_fraction"] == pytest.approx(row["gsea_interpretable"] / 10)
+    assert row["gsea_baseline_fraction"] == pytest.approx(row["gsea_baseline_interpretable"] / 10)
+    assert row["gsea_baseline_fraction"] < row["gsea_fraction"]
+    assert row["seconds"] >= row["gsea_seconds"] >= 0
+    params = adata.uns["sct"]["features"]["annotation"]["params"]
+    assert params["method"] == "both" and params["permutations"] == 500
+    assert params["gsea_weight"] == 0.0
+
+    path = tmp_path / "prerank.h5ad"
+    adata.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    pd.testing.assert_frame_equal(feature_table(back, 0), table, check_dtype=False)
+    pd.testing.assert_frame_equal(back.uns["sct"]["interpretability"], summary, check_dtype=False)
+    assert back.uns["sct"]["features"]["annotation"]["params"]["method"] == "both"
+    assert feature_table(back, 0)["gsea_interpretable"].dtype == bool
+
+
+def test_annotate_prerank_alone_and_ora_after_it():
+    adata, sets = _synthetic()
+    annotate_features(adata, sets, method="prerank", permutations=300, gsea_weight=0.0, seed=1)
+    table = feature_table(adata, 0)
+    summary = adata.uns["sct"]["interpretability"]
+    assert list(summary.columns) == SUMMARY + GSEA_SUMMARY
+    # the ORA columns and the summary follow the method run
+    np.testing.assert_array_equal(table["best_term"], table["gsea_best_term"])
+    np.testing.assert_array_equal(table["interpretable"], table["gsea_interpretable"])
+    pd.testing.assert_series_equal(table["best_fdr"], table["gsea_best_fdr"], check_names=False)
+    assert table.loc["L0F0", "best_pvalue"] < 0.05
+    for a, b in (
+        ("interpretable", "gsea_interpretable"),
+        ("fraction", "gsea_fraction"),
+        ("baseline_fraction", "gsea_baseline_fraction"),
+    ):
+        assert summary[a].iloc[0] == summary[b].iloc[0]
+    # the same seed gives the same numbers
+    again = annotate_features(
+        adata, sets, method="prerank", permutations=300, gsea_weight=0.0, seed=1, copy=True
+    )
+    pd.testing.assert_frame_equal(
+        again.uns["sct"]["interpretability"].drop(columns=["seconds", "gsea_seconds"]),
+        summary.drop(columns=["seconds", "gsea_seconds"]),
+    )
+    # ORA alone afterwards: its own columns and summary, no stale GSEA columns
+    annotate_features(adata, sets, method="ora", baseline=None)
+    table = feature_table(adata, 0)
+    assert not any(c.startswith("gsea_") for c in table.columns)
+    assert list(adata.uns["sct"]["interpretability"].columns) == SUMMARY
+
+
+def test_annotate_prerank_validates_before_writing():
+    adata, sets = _synthetic()
+    before = feature_table(adata, 0)
+    with pytest.raises(ValueError, match="method"):
+        annotate_features(adata, sets, method="gsea")
+    with pytest.raises(ValueError, match="permutations"):
+        annotate_features(adata, sets, method="prerank", permutations=0)
+    with pytest.raises(ValueError, match="gsea_weight"):
+        annotate_features(adata, sets, method="prerank", gsea_weight=-1)
+    del adata.uns["sct"]["features"]["gene_cells"]
+    with pytest.raises(KeyError, match="feature_genes"):
+        annotate_features(adata, sets, method="both")
+    annotate_features(adata, sets, method="ora")  # ORA does not need them
+    pd.testing.assert_frame_equal(
+        feature_table(adata, 0)[before.columns], before, check_dtype=False
+    )
+    assert "interpretability" in adata.uns["sct"]
+
+
+# --- on trained transcoders ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained():
+    import scanpy as sc
+
+    model = sct.datasets.tiny_c2s()
+    adata = sc.datasets.pbmc68k_reduced()[:150].copy()
+    sct.pp.cell_sentences(adata, model=model)
+    sct.tl.train_transcoders(
+        adata, model, layers=[0], n_tokens=8192, batch_size=1024, progress=False
+    )
+    feature_genes(adata, model, n_top=50, progress=False)
+    return adata
+
+
+def test_annotate_both_on_trained_transcoders(trained, tmp_path):
+    sets = load_gene_sets("markers:bulk_labels", adata=trained, min_size=1, max_size=10**9)
+    ora = annotate_features(trained, sets, n_top_genes=20, baseline=None, copy=True)
+    both = annotate_features(
+        trained, sets, method="both", n_top_genes=20, permutations=100, baseline=None,
+        copy=True,
+    )  # fmt: skip
+    # the ORA results are those of method="ora", bit for bit
+    a, b = ora.uns["sct"]["interpretability"], both.uns["sct"]["interpretability"]
+    pd.testing.assert_frame_equal(
+        b[SUMMARY].drop(columns="seconds"), a.drop(columns="seconds"), check_exact=True
+    )
+    ta, tb = feature_table(ora, 0), feature_table(both, 0)
+    pd.testing.assert_frame_equal(tb[ta.columns], ta, check_exact=True)
+    live = tb[tb["live"]]
+    assert len(live) > 0 and (tb.loc[~tb["live"], "gsea_best_term"] == "").all()
+    assert live["gsea_best_fdr"].dropna().between(0, 1).all()
+    assert (live["gsea_best_nes"].dropna() > 0).all()
+    assert b["gsea_interpretable"].iloc[0] == tb["gsea_interpretable"].sum()
+    path = tmp_path / "trained.h5ad"
+    both.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    pd.testing.assert_frame_equal(feature_table(back, 0), tb, check_dtype=False)
+    pd.testing.assert_frame_equal(back.uns["sct"]["interpretability"], b, check_dtype=False)
