@@ -550,7 +550,7 @@ def _topk_decode_loss(
     fvu = (y_hat - y).pow(2).sum() / var
     loss = fvu
     if dead is not None and aux_values is not None:
-        loss = loss + auxk_alpha * _aux_loss(W_dec, aux_values, aux_indices, y - y_hat, dead)
+        loss = loss + auxk_alpha * _aux_loss(W_dec, aux_values, aux_indices, y - y_hat, dead, var)
     fired = torch.zeros(W_dec.shape[0], dtype=y.dtype, device=y.device)
     fired.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).to(y.dtype))
     return loss, fvu.detach(), fired
@@ -562,19 +562,24 @@ def _aux_loss(
     aux_indices: torch.Tensor,
     residual: torch.Tensor,
     dead: torch.Tensor,
+    var: torch.Tensor,
 ) -> torch.Tensor:
     """AuxK: the top dead features (by ReLU pre-activation) should explain what the others missed.
 
     ``aux_values, aux_indices``: the ``k_aux`` largest ReLU pre-activations among dead features;
-    when fewer than ``k_aux`` features are dead the others come with value 0 and add nothing, so
-    this is the top-``min(k_aux, n_dead)`` loss of Gao et al. (2024). It is 0 when no feature is
-    dead, decided on the device (no host round trip). The candidates come from the encoder's
-    matmul (one more ``topk`` over ``(batch, n_features)``), paid only once features can be dead.
+    when fewer than ``k_aux`` features are dead the others come with value 0 and add nothing. As
+    in Gao et al. (2024) and EleutherAI sparsify, the loss is scaled by ``min(n_dead / k_aux, 1)``
+    (a handful of dead features is not asked to carry the whole residual) and, as in sparsify,
+    normalised by the total variance ``var`` of the target, not of the residual: normalising by
+    the residual's variance weighted AuxK up as the fit improved and cost layer 0 of the embedded
+    model a validation FVU of 0.031 instead of 0.006 (100 steps). Decided on the device: 0 when
+    no feature is dead, no host round trip. The candidates come from the encoder's matmul (one
+    more ``topk`` over ``(batch, n_features)``), paid only once features can be dead.
     """
     e_hat = F.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values, mode="sum")
-    denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-    any_dead = dead.any().to(residual.dtype)
-    return any_dead * (e_hat - residual.detach()).pow(2).sum() / denom
+    k_aux = max(aux_indices.shape[-1], 1)
+    scale = (dead.sum().to(residual.dtype) / k_aux).clamp(max=1.0)
+    return scale * (e_hat - residual.detach()).pow(2).sum() / var
 
 
 class _LossFunctions:
@@ -641,7 +646,7 @@ def _layer_loss(
         fired = (pre > 0).sum(0).to(y.dtype)
         if dead is not None:
             aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-            aux = _aux_loss(tc.W_dec, aux_values, aux_indices, y - y_hat, dead)
+            aux = _aux_loss(tc.W_dec, aux_values, aux_indices, y - y_hat, dead, var)
             loss = loss + cfg.auxk_alpha * aux
     return loss, fvu.detach(), fired
 
