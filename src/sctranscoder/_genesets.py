@@ -430,6 +430,15 @@ def _filter_sizes(
     return kept
 
 
+def source_name(source: object) -> str:
+    """How a gene-set source is recorded in ``uns``: a name or path as given, else its type.
+
+    Only names and paths (``"markers:<col>"``, a library name, a GMT path) can be loaded again
+    from the record; a dict or a net is recorded by its type name.
+    """
+    return os.fspath(source) if isinstance(source, str | os.PathLike) else type(source).__name__
+
+
 def gene_sets_in_background(
     source: object,
     background: Iterable[str],

@@ -14,7 +14,7 @@ from scipy import sparse
 
 from .._constants import Key
 from .._enrichment import best_terms, ora_many, prerank_many
-from .._genesets import clean_genes, gene_sets_in_background
+from .._genesets import clean_genes, gene_sets_in_background, source_name
 from ._feature_genes import features_record
 
 if TYPE_CHECKING:
@@ -318,11 +318,7 @@ def annotate_features(
     out.update(tables)
     out["annotation"] = {
         "params": {
-            "gene_sets": (
-                os.fspath(gene_sets)
-                if isinstance(gene_sets, str | os.PathLike)
-                else type(gene_sets).__name__
-            ),
+            "gene_sets": source_name(gene_sets),
             "layers": np.asarray(layers, dtype=np.int64),
             "method": str(method),
             "n_top_genes": int(n_top_genes),

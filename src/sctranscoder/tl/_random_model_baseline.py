@@ -12,6 +12,7 @@ import pandas as pd
 
 from .._constants import Key
 from .._genesets import gene_sets as load_gene_sets
+from .._genesets import source_name
 from .._store import model_record, resolve_model, sct_uns
 from ..core.model import random_like
 from ._annotate_features import INTERPRETABILITY, annotate_features
@@ -210,11 +211,7 @@ def random_model_baseline(
         "params": {
             "seed": int(seed),
             "n_tokens": int(kwargs["n_tokens"]),
-            "gene_sets": (
-                os.fspath(gene_sets)
-                if isinstance(gene_sets, str | os.PathLike)
-                else type(gene_sets).__name__
-            ),
+            "gene_sets": source_name(gene_sets),
             "model_name": str(random.name),
             "seconds": float(seconds),
         },
