@@ -115,7 +115,8 @@ def code_version() -> dict:
             return ""
 
     return {
-        "commit": git("rev-parse", "HEAD"),
+        # a copy of the tree without .git (e.g. a GPU machine) names its commit in SCT_COMMIT
+        "commit": git("rev-parse", "HEAD") or os.environ.get("SCT_COMMIT", ""),
         "uncommitted_src": git("diff", "--stat", "--", "src").splitlines()[-1:]
         or ["(no uncommitted changes in src/)"],
         "untracked_src": [

@@ -239,6 +239,7 @@ def run_ours(cm, train_stream, layers, args, *, n_tokens: int, profile: bool) ->
         batch_size=args.batch_size,
         n_tokens=n_tokens,
         seed=args.seed,
+        autocast=args.autocast,
         **kwargs,
     )
     device = torch.device(args.device)
@@ -606,6 +607,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=600, help="random-token prompts only")
     ap.add_argument("--val-batches", type=int, default=0, help="0: all validation cells")
     ap.add_argument("--model-dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument(
+        "--autocast",
+        choices=["bf16", "none"],
+        default=None,
+        help="ours: TrainingConfig.autocast (the encoder's matmul and TopK in bf16, as "
+        "sparsify's encoder under its CUDA autocast); default bf16 on CUDA, none on CPU",
+    )
     ap.add_argument("--sparsify-schedule", choices=["constant", "sparsify"], default="constant")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for the floor")
@@ -629,6 +637,8 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     args.model = args.model or ("410m" if cuda else "tiny")
     args.model_dtype = args.model_dtype or ("bfloat16" if cuda else "float32")
+    args.autocast = args.autocast or ("bf16" if cuda else "none")
+    args.autocast = None if args.autocast == "none" else args.autocast
     if args.n_tokens is None:
         args.n_tokens = 5_000_000 if cuda else 204_800
     if args.profile_tokens is None:
@@ -775,6 +785,7 @@ def main() -> None:
             "profile_tokens": args.profile_tokens,
             "repeats": args.repeats,
             "sparsify_schedule": args.sparsify_schedule,
+            "ours_autocast": args.autocast,
             "model_forward": "included on both sides (each library's own harvest)",
             "seed": args.seed,
         },

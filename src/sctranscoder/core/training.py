@@ -92,11 +92,13 @@ class TrainingConfig:
     seed
         Seed of initialisation and shuffling.
     autocast
-        Run the frozen model's forward under :func:`torch.autocast` in ``"bf16"`` or ``"fp16"``;
-        its activations are cast back to float32 and the transcoders train in float32.
-        ``None`` (default): float32 throughout. On the tiny C2S model, bf16 MLP inputs/outputs
-        differ from float32 by at most 0.4% (relative Frobenius error; see
-        ``tests/test_training_fast_path.py``), below the transcoders' own error.
+        Run the frozen model's forward under :func:`torch.autocast` in ``"bf16"`` or ``"fp16"``,
+        and the TopK encoder's matmul and selection in that precision (as sparsify's encoder runs
+        under autocast on CUDA). Activations are cast back to float32; TopK values, the decoder,
+        the loss, gradients, weights and the optimiser stay in float32. ``None`` (default):
+        float32 throughout. On the tiny C2S model, bf16 MLP inputs/outputs differ from float32 by
+        at most 0.4% (relative Frobenius error) and bf16 training ends within 0.02 validation FVU
+        of float32 (``tests/test_training_fast_path.py``).
     compile
         :func:`torch.compile` the per-layer loss (encoder and decoder-plus-loss); if compiling
         fails, a warning is logged and training runs eagerly.
@@ -311,7 +313,8 @@ def train_transcoders(
     transcoders = {layer: Transcoder(tc_cfg, generator=gen).to(device) for layer in layers}
     params = [p for tc in transcoders.values() for p in tc.parameters()]
     lr = config.learning_rate(tc_cfg.n_features)
-    opt = torch.optim.Adam(params, lr=lr)
+    # one fused kernel for all parameters on CUDA (the same update as the default, in fewer passes)
+    opt = torch.optim.Adam(params, lr=lr, fused=device.type == "cuda")
     dead_tokens = config.dead_tokens if config.dead_tokens is not None else config.n_tokens // 10
     k_aux = min(d_out // 2, tc_cfg.n_features)
     since_fired = {
@@ -333,19 +336,26 @@ def train_transcoders(
     )
     # per step, this step's losses then FVUs (one entry per layer each), still on the device
     pending: list[torch.Tensor] = []
+    # off the CPU: whether each layer had dead features at the last flush (AuxK runs only then;
+    # a feature that dies between flushes gets AuxK at most _LOG_EVERY steps late)
+    any_dead = dict.fromkeys(layers, True)
 
     def flush() -> None:
-        """Copy the pending loss curves to the host (one transfer; averaged over ranks)."""
+        """Copy the pending loss curves (and the dead flags) to the host in one transfer."""
         if not pending:
             return
         block = torch.stack(pending)
         with timer("communication"):
             dist.all_reduce_([block], "sum", mean=True)
         n = len(layers)
-        for row in block.cpu().tolist():
+        flags = torch.stack([(since_fired[layer] > dead_tokens).any() for layer in layers])
+        host = torch.cat([block.reshape(-1), flags.to(block.dtype)]).cpu()
+        for row in host[: block.numel()].reshape(block.shape).tolist():
             for j, layer in enumerate(layers):
                 log.loss[layer].append(row[j])
                 log.fvu[layer].append(row[n + j])
+        for layer, flag in zip(layers, host[block.numel() :].tolist(), strict=True):
+            any_dead[layer] = bool(flag)
         pending.clear()
 
     bar = tqdm(total=config.n_tokens, unit="tok", desc="transcoders", disable=not progress)
@@ -402,8 +412,12 @@ def train_transcoders(
                     dead = None
                     if may_be_dead:
                         dead = since_fired[layer] > dead_tokens
-                        # on the CPU looking is free; elsewhere AuxK runs, gated on the device
-                        if device.type == "cpu" and not bool(dead.any()):
+                        # on the CPU looking is free; elsewhere (no host sync in the loop) AuxK
+                        # runs while the last flush saw dead features, gated on the device
+                        if device.type == "cpu":
+                            if not bool(dead.any()):
+                                dead = None
+                        elif not any_dead[layer]:
                             dead = None
                     loss, fvu, f = _layer_loss(tc, x, y, config, dead, k_aux, timer, fns)
                     losses.append(loss)
@@ -514,13 +528,23 @@ def _topk_encode(
     dead: torch.Tensor | None,
     k_aux: int,
     sparse: bool,
+    compute_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, ...]:
     """TopK ``(values, indices)`` and, when ``dead`` is given, the AuxK candidates (else None)."""
     if sparse:
         if dead is None:
-            return *topk_encode(x, W_enc, b_enc, k), None, None
-        return topk_encode(x, W_enc, b_enc, k, dead=dead, k_aux=k_aux)
+            return *topk_encode(x, W_enc, b_enc, k, compute_dtype=compute_dtype), None, None
+        return topk_encode(x, W_enc, b_enc, k, dead=dead, k_aux=k_aux, compute_dtype=compute_dtype)
     # reference: dense autograd through the (batch, n_features) pre-activations
+    if compute_dtype is not None:
+        pre = F.relu(
+            F.linear(x.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype))
+        )
+        values, indices = pre.float().topk(k, dim=-1, sorted=False)
+        if dead is None:
+            return values, indices, None, None
+        aux = pre.float().masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+        return values, indices, *aux
     pre = F.relu(F.linear(x, W_enc, b_enc))
     values, indices = pre.topk(k, dim=-1, sorted=False)
     if dead is None:
@@ -631,7 +655,16 @@ def _layer_loss(
     c = tc.config
     if c.activation == "topk":
         with timer("encoder"):
-            enc = fns.encode(x, tc.W_enc, tc.b_enc, c.k, dead, k_aux, cfg.sparse_backward)
+            enc = fns.encode(
+                x,
+                tc.W_enc,
+                tc.b_enc,
+                c.k,
+                dead,
+                k_aux,
+                cfg.sparse_backward,
+                AUTOCAST_DTYPES.get(cfg.autocast),
+            )
         with timer("decoder"):
             return fns.decode(x, y, *enc, tc.W_dec, tc.b_dec, tc.W_skip, dead, cfg.auxk_alpha)
     with timer("encoder"):

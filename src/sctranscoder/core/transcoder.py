@@ -40,14 +40,20 @@ class _TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, dead, k_aux):
-        pre = F.relu(F.linear(x, W_enc, b_enc))
+    def forward(ctx, x, W_enc, b_enc, k, dead, k_aux, compute_dtype):
+        if compute_dtype is None or compute_dtype == x.dtype:
+            pre = F.relu(F.linear(x, W_enc, b_enc))
+        else:
+            pre = F.relu(
+                F.linear(x.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype))
+            )
         values, indices = pre.topk(k, dim=-1, sorted=False)
         if dead is not None:
             aux_values, aux_indices = pre.masked_fill_(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
         else:
-            aux_values = x.new_zeros(x.shape[0], 0)
+            aux_values = pre.new_zeros(x.shape[0], 0)
             aux_indices = indices.new_zeros(x.shape[0], 0)
+        values, aux_values = values.to(x.dtype), aux_values.to(x.dtype)
         ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
@@ -64,21 +70,61 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=g, mode="sum")
         if ctx.needs_input_grad[1]:
-            # grad_W_enc[i] = sum over (token, slot) choosing feature i of g * x[token]: a sparse
-            # (n_features, batch) matrix with batch * k entries times x, no outer products formed
-            n, kk = indices.shape
-            rows = torch.arange(n, device=x.device).repeat_interleave(kk)
-            G = torch.sparse_coo_tensor(
-                torch.stack([indices.reshape(-1), rows]),
-                g.reshape(-1),
-                (W_enc.shape[0], n),
-                check_invariants=False,
-            )
-            grad_W = torch.sparse.mm(G, x).to(W_enc.dtype)
+            grad_W = encoder_weight_grad(indices, g, x, W_enc.shape[0]).to(W_enc.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
             grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+#: How :func:`encoder_weight_grad` computes by default, per device type (others: ``"sparse_mm"``).
+#: Chosen by measurement (``benchmarks/training_step.py``; see ``benchmarks/README.md``).
+WEIGHT_GRAD_METHODS = {"cpu": "sparse_mm", "cuda": "embedding_bag"}
+
+
+def encoder_weight_grad(
+    indices: torch.Tensor,
+    g: torch.Tensor,
+    x: torch.Tensor,
+    n_features: int,
+    method: str | None = None,
+) -> torch.Tensor:
+    """``grad_W[i] = sum over (token t, slot j) with indices[t, j] == i of g[t, j] x[t]``.
+
+    The gradient of a TopK encoder's weight from the gradient ``g`` of its ``(batch, k)`` values,
+    without forming the ``(batch, n_features)`` gradient of the pre-activations. ``method``:
+
+    * ``"sparse_mm"``: a sparse ``(n_features, batch)`` COO matrix with ``batch k`` entries times
+      ``x``;
+    * ``"embedding_bag"``: the weight gradient of ``embedding_bag(indices, W, g)`` with ``x`` as
+      its output gradient (the same sum; a sorted segment reduction on CUDA);
+    * ``"dense"``: scatter ``g`` into ``(batch, n_features)`` and one matmul (in ``x``'s dtype);
+    * ``None``: :data:`WEIGHT_GRAD_METHODS` for ``x``'s device.
+    """
+    if method is None:
+        method = WEIGHT_GRAD_METHODS.get(x.device.type, "sparse_mm")
+    n, kk = indices.shape
+    if method == "sparse_mm":
+        rows = torch.arange(n, device=x.device).repeat_interleave(kk)
+        G = torch.sparse_coo_tensor(
+            torch.stack([indices.reshape(-1), rows]),
+            g.reshape(-1).to(x.dtype),
+            (n_features, n),
+            check_invariants=False,
+        )
+        return torch.sparse.mm(G, x)
+    if method == "embedding_bag":
+        with torch.enable_grad():
+            w = torch.zeros(n_features, x.shape[1], dtype=x.dtype, device=x.device)
+            w.requires_grad_(True)
+            out = F.embedding_bag(indices, w, per_sample_weights=g.to(x.dtype), mode="sum")
+            (grad,) = torch.autograd.grad(out, w, grad_outputs=x)
+        return grad
+    if method == "dense":
+        G = torch.zeros(n, n_features, dtype=x.dtype, device=x.device)
+        G.scatter_add_(1, indices, g.to(x.dtype))
+        return G.T @ x
+    raise ValueError(f"method must be 'sparse_mm', 'embedding_bag' or 'dense', got {method!r}.")
 
 
 def topk_encode(
@@ -89,6 +135,7 @@ def topk_encode(
     *,
     dead: torch.Tensor | None = None,
     k_aux: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``(values, indices)`` of the ``k`` largest ``relu(x W_enc^T + b_enc)`` per row of ``x``.
 
@@ -97,10 +144,16 @@ def topk_encode(
     formed. With a boolean ``dead`` mask over features, also returns ``(aux_values,
     aux_indices)``: the ``k_aux`` largest ReLU pre-activations among dead features (AuxK).
     ``x`` may have leading dimensions; outputs are ``(..., k)``.
+
+    ``compute_dtype`` (e.g. ``torch.bfloat16``): the matmul and the TopK selection run in that
+    precision (as sparsify's encoder does under autocast on CUDA); the values come back in ``x``'s
+    dtype and the backward stays in ``x``'s dtype.
     """
     shape = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    values, indices, aux_values, aux_indices = _TopKEncode.apply(flat, W_enc, b_enc, k, dead, k_aux)
+    values, indices, aux_values, aux_indices = _TopKEncode.apply(
+        flat, W_enc, b_enc, k, dead, k_aux, compute_dtype
+    )
     out = (values.reshape(*shape, -1), indices.reshape(*shape, -1))
     if dead is None:
         return out

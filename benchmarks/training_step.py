@@ -1,0 +1,278 @@
+"""The parts of one transcoder training step on a device: checked against float64, then timed.
+
+Checks (every run, fresh random inputs): the device's TopK encoder (:func:`topk_encode`) and
+sparse decoder, forward and backward, in float32 and with the encoder in bfloat16
+(``compute_dtype``, what ``TrainingConfig(autocast="bf16")`` uses), against dense autograd in
+float64 on the CPU: relative Frobenius errors of the loss, the reconstruction and every gradient,
+and the fraction of the reference's TopK indices the device selected. Each way of computing the
+encoder's weight gradient (:func:`encoder_weight_grad`) is checked the same way.
+
+Timings (median over ``--reps`` after warm-up; CUDA events on a GPU): the encoder forward in
+float32 and bfloat16, each weight-gradient method, the AuxK selection, one layer's whole forward
+and backward (ours, float32 and bf16 encoder; and a dense-autograd bf16 step like sparsify's), and
+Adam over ``--layers`` transcoders (foreach against fused). They decide the defaults
+(:data:`WEIGHT_GRAD_METHODS`, fused Adam on CUDA) and explain ``train_throughput``'s profile.
+
+    python benchmarks/training_step.py                        # CPU, d=128 (the embedded model)
+    python benchmarks/training_step.py --device cuda          # d=1024, 8192 features (410m)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _problem(n, d, n_features, seed, device, dtype):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    W_enc = torch.randn(n_features, d, generator=g, dtype=torch.float64) / d**0.5
+    b_enc = 0.2 * torch.randn(n_features, generator=g, dtype=torch.float64)
+    W_dec = torch.randn(n_features, d, generator=g, dtype=torch.float64) / d**0.5
+    y = torch.randn(n, d, generator=g, dtype=torch.float64)
+    dead = torch.rand(n_features, generator=g) < 0.05
+    return [
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (x, W_enc, b_enc, W_dec, y)
+    ] + [dead.to(device)]
+
+
+def _step(x, W_enc, b_enc, W_dec, y, dead, k, k_aux, *, compute_dtype=None, reference=False):
+    """Loss (FVU + AuxK), reconstruction and gradients of one layer's step."""
+    import torch
+    import torch.nn.functional as F
+
+    from sctranscoder.core.transcoder import sparse_decode, topk_encode
+
+    leaves = [t.clone().requires_grad_() for t in (W_enc, b_enc, W_dec)]
+    we, be, wd = leaves
+    if reference:
+        pre = F.relu(F.linear(x, we, be))
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+    else:
+        values, indices, aux_values, aux_indices = topk_encode(
+            x, we, be, k, dead=dead, k_aux=k_aux, compute_dtype=compute_dtype
+        )
+    y_hat = sparse_decode(values, indices, wd)
+    var = (y - y.mean(0)).pow(2).sum()
+    e_hat = sparse_decode(aux_values, aux_indices, wd)
+    loss = (y_hat - y).pow(2).sum() / var + (e_hat - (y - y_hat).detach()).pow(2).sum() / var / 32
+    loss.backward()
+    codes = torch.zeros(x.shape[0], W_enc.shape[0], dtype=values.dtype, device=x.device)
+    codes.scatter_(1, indices, values.detach())
+    return loss.detach(), y_hat.detach(), codes, indices, [t.grad for t in leaves]
+
+
+def checks(args, device) -> dict:
+    import torch
+
+    from sctranscoder.core.transcoder import encoder_weight_grad
+
+    n, d, nf, k, k_aux = args.batch, args.d, args.features, args.k, args.d // 2
+    cpu64 = _problem(n, d, nf, args.seed, "cpu", torch.float64)
+    dev32 = _problem(n, d, nf, args.seed, device, torch.float32)
+    ref = _step(*cpu64, k, k_aux, reference=True)
+    out = {}
+    for name, kw in (("float32", {}), ("bf16_encoder", {"compute_dtype": torch.bfloat16})):
+        got = _step(*dev32, k, k_aux, **kw)
+        ref_mask = torch.zeros(n, nf, dtype=torch.bool).scatter_(1, ref[3], True)
+        got_mask = torch.zeros(n, nf, dtype=torch.bool).scatter_(1, got[3].cpu(), True)
+        out[name] = {
+            "loss": _rel(got[0], ref[0]),
+            "reconstruction": _rel(got[1], ref[1]),
+            "codes": _rel(got[2], ref[2]),
+            "topk_indices_agree": float((ref_mask & got_mask).sum() / ref_mask.sum()),
+            **{
+                f"grad_{p}": _rel(g, r)
+                for p, g, r in zip(("W_enc", "b_enc", "W_dec"), got[4], ref[4], strict=True)
+            },
+        }
+        if not all(torch.isfinite(torch.tensor(v)) for v in out[name].values()):
+            raise AssertionError(f"non-finite check result: {out[name]}")
+    # the weight-gradient methods on the same (indices, g, x)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    idx = torch.randint(nf, (n, k), generator=g)
+    gv = torch.randn(n, k, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    want = encoder_weight_grad(idx, gv, x, nf, method="dense")
+    out["weight_grad"] = {
+        m: _rel(
+            encoder_weight_grad(
+                idx.to(device),
+                gv.to(device, torch.float32),
+                x.to(device, torch.float32),
+                nf,
+                method=m,
+            ),
+            want,
+        )
+        for m in ("sparse_mm", "embedding_bag", "dense")
+    }
+    return out
+
+
+def _timer(device, reps: int):
+    import torch
+
+    def run(fn) -> float:
+        for _ in range(3):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            return statistics.median(times)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    return run
+
+
+def timings(args, device) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from sctranscoder.core.transcoder import encoder_weight_grad, sparse_decode, topk_encode
+
+    n, d, nf, k, k_aux = args.batch, args.d, args.features, args.k, args.d // 2
+    x, W_enc, b_enc, W_dec, y, dead = _problem(n, d, nf, args.seed + 2, device, torch.float32)
+    run = _timer(device, args.reps)
+    ms = {}
+    with torch.no_grad():
+        ms["encoder_forward_float32"] = run(lambda: topk_encode(x, W_enc, b_enc, k))
+        ms["encoder_forward_bf16"] = run(
+            lambda: topk_encode(x, W_enc, b_enc, k, compute_dtype=torch.bfloat16)
+        )
+        pre = F.relu(F.linear(x.bfloat16(), W_enc.bfloat16(), b_enc.bfloat16()))
+        ms["auxk_select_bf16"] = run(
+            lambda: pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+        )
+    values, indices = topk_encode(x, W_enc, b_enc, k)
+    gv = torch.randn_like(values)
+    for m in ("sparse_mm", "embedding_bag", "dense"):
+        ms[f"weight_grad_{m}"] = run(lambda m=m: encoder_weight_grad(indices, gv, x, nf, method=m))
+    xb = x.bfloat16()
+    ms["weight_grad_dense_bf16"] = run(
+        lambda: encoder_weight_grad(indices, gv, xb, nf, method="dense")
+    )
+
+    params = [t.clone().requires_grad_() for t in (W_enc, b_enc, W_dec)]
+
+    def ours(compute_dtype):
+        def step():
+            v, i = topk_encode(x, params[0], params[1], k, compute_dtype=compute_dtype)
+            ((sparse_decode(v, i, params[2]) - y).pow(2).sum()).backward()
+
+        return step
+
+    def dense_bf16():  # sparsify's way: autocast encoder, dense autograd through the TopK
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            pre = F.relu(F.linear(x, params[0], params[1]))
+            v, i = pre.topk(k, dim=-1, sorted=False)
+            y_hat = F.embedding_bag(i, params[2], per_sample_weights=v.float(), mode="sum")
+        ((y_hat.float() - y).pow(2).sum()).backward()
+
+    for name, fn in (
+        ("layer_step_ours_float32", ours(None)),
+        ("layer_step_ours_bf16_encoder", ours(torch.bfloat16)),
+        ("layer_step_dense_autograd_bf16", dense_bf16),
+    ):
+        for p in params:
+            p.grad = None
+        ms[name] = run(fn)
+
+    # Adam over all layers' parameters
+    n_params = 0
+    tensors = []
+    for _ in range(args.layers):
+        for shape in ((nf, d), (nf,), (nf, d), (d,)):
+            t = torch.randn(shape, device=device).requires_grad_()
+            t.grad = torch.randn_like(t)
+            tensors.append(t)
+            n_params += t.numel()
+    for fused in (False, True) if device.type == "cuda" else (False,):
+        opt = torch.optim.Adam(tensors, lr=1e-4, fused=fused)
+        ms[f"adam_{'fused' if fused else 'foreach'}_{args.layers}_layers"] = run(opt.step)
+    return ms, n_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--d", type=int, default=None, help="d_model (CPU 128, CUDA 1024)")
+    ap.add_argument("--features", type=int, default=None, help="default 8 d")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=None, help="for Adam (CPU 4, CUDA 24)")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    _common.snapshot_code()
+    import torch
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.d = args.d or (1024 if cuda else 128)
+    args.features = args.features or 8 * args.d
+    args.layers = args.layers or (24 if cuda else 4)
+    check = checks(args, device)
+    ms, n_params = timings(args, device)
+    doc = _common.document(
+        "training_step",
+        device.type,
+        torch.get_num_threads(),
+        settings={
+            "d": args.d,
+            "n_features": args.features,
+            "k": args.k,
+            "k_aux": args.d // 2,
+            "batch_tokens": args.batch,
+            "adam_layers": args.layers,
+            "adam_parameters": n_params,
+            "reps": args.reps,
+        },
+        checks_relative_error_vs_float64_cpu=check,
+        median_ms=ms,
+    )
+    _common.write(doc, args.out or _common.RESULTS / f"training_step_{device.type}.json")
+    print(
+        f"\n{'check (rel. error vs float64)':<32}" + "".join(f"{c:>14}" for c in check["float32"])
+    )
+    for name in ("float32", "bf16_encoder"):
+        print(f"{name:<32}" + "".join(f"{v:>14.2e}" for v in check[name].values()))
+    print("weight gradient: " + ", ".join(f"{m} {v:.1e}" for m, v in check["weight_grad"].items()))
+    print(f"\n{'part':<40}{'ms':>10}")
+    for name, v in ms.items():
+        print(f"{name:<40}{v:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()
