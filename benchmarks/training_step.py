@@ -8,8 +8,9 @@ and the fraction of the reference's TopK indices the device selected. Each way o
 encoder's weight gradient (:func:`encoder_weight_grad`) is checked the same way.
 
 Timings (median over ``--reps`` after warm-up; CUDA events on a GPU): the encoder forward in
-float32 and bfloat16, each weight-gradient method, the AuxK selection, one layer's whole forward
-and backward (ours, float32 and bf16 encoder; and a dense-autograd bf16 step like sparsify's), and
+float32 and bfloat16, each weight-gradient method, the AuxK selection, one layer's whole loss
+forward and backward as training runs it (``kernels`` sparse or dense, float32 or bf16, without
+and with AuxK), and
 Adam over ``--layers`` transcoders (foreach against fused). They decide the defaults
 (:data:`WEIGHT_GRAD_METHODS`, fused Adam on CUDA) and explain ``train_throughput``'s profile.
 
@@ -51,31 +52,37 @@ def _problem(n, d, n_features, seed, device, dtype):
     ] + [dead.to(device)]
 
 
-def _step(x, W_enc, b_enc, W_dec, y, dead, k, k_aux, *, compute_dtype=None, reference=False):
-    """Loss (FVU + AuxK), reconstruction and gradients of one layer's step."""
+def _step(x, W_enc, b_enc, W_dec, y, dead, k, k_aux, *, kernels, compute_dtype=None):
+    """Loss (FVU + AuxK), reconstruction, codes, indices and gradients of one layer's step, as
+    training computes it with ``kernels`` ("sparse" or "dense")."""
     import torch
-    import torch.nn.functional as F
 
-    from sctranscoder.core.transcoder import sparse_decode, topk_encode
+    from sctranscoder.core import training
+    from sctranscoder.core.transcoder import sparse_decode
 
+    encode, decode = {
+        "sparse": (training._sparse_encode, training._sparse_decode_loss),
+        "dense": (training._dense_encode, training._dense_decode_loss),
+    }[kernels]
     leaves = [t.clone().requires_grad_() for t in (W_enc, b_enc, W_dec)]
     we, be, wd = leaves
-    if reference:
-        pre = F.relu(F.linear(x, we, be))
-        values, indices = pre.topk(k, dim=-1, sorted=False)
-        aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-    else:
-        values, indices, aux_values, aux_indices = topk_encode(
-            x, we, be, k, dead=dead, k_aux=k_aux, compute_dtype=compute_dtype
-        )
-    y_hat = sparse_decode(values, indices, wd)
-    var = (y - y.mean(0)).pow(2).sum()
-    e_hat = sparse_decode(aux_values, aux_indices, wd)
-    loss = (y_hat - y).pow(2).sum() / var + (e_hat - (y - y_hat).detach()).pow(2).sum() / var / 32
+    b_dec = torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)
+    enc = encode(x, we, be, k, dead, k_aux, compute_dtype)
+    loss = decode(x, y, *enc, wd, b_dec, None, dead, k_aux, 1 / 32)[0]
     loss.backward()
-    codes = torch.zeros(x.shape[0], W_enc.shape[0], dtype=values.dtype, device=x.device)
-    codes.scatter_(1, indices, values.detach())
-    return loss.detach(), y_hat.detach(), codes, indices, [t.grad for t in leaves]
+    values, indices = enc[0].detach().to(y.dtype), enc[1]
+    codes = torch.zeros(x.shape[0], W_enc.shape[0], dtype=y.dtype, device=x.device)
+    codes.scatter_(1, indices, values)
+    y_hat = sparse_decode(values, indices, W_dec)
+    return loss.detach(), y_hat, codes, indices, [t.grad for t in leaves]
+
+
+VARIANTS = {
+    "sparse_float32": ("sparse", None),
+    "sparse_bf16": ("sparse", "bfloat16"),
+    "dense_float32": ("dense", None),
+    "dense_bf16": ("dense", "bfloat16"),
+}
 
 
 def checks(args, device) -> dict:
@@ -86,24 +93,24 @@ def checks(args, device) -> dict:
     n, d, nf, k, k_aux = args.batch, args.d, args.features, args.k, args.d // 2
     cpu64 = _problem(n, d, nf, args.seed, "cpu", torch.float64)
     dev32 = _problem(n, d, nf, args.seed, device, torch.float32)
-    ref = _step(*cpu64, k, k_aux, reference=True)
+    ref = _step(*cpu64, k, k_aux, kernels="dense")
+    ref_mask = torch.zeros(n, nf, dtype=torch.bool).scatter_(1, ref[3], True)
     out = {}
-    for name, kw in (("float32", {}), ("bf16_encoder", {"compute_dtype": torch.bfloat16})):
-        got = _step(*dev32, k, k_aux, **kw)
-        ref_mask = torch.zeros(n, nf, dtype=torch.bool).scatter_(1, ref[3], True)
+    for name, (kernels, dtype) in VARIANTS.items():
+        got = _step(
+            *dev32, k, k_aux, kernels=kernels, compute_dtype=dtype and getattr(torch, dtype)
+        )
         got_mask = torch.zeros(n, nf, dtype=torch.bool).scatter_(1, got[3].cpu(), True)
+        grads = zip(("W_enc", "b_enc", "W_dec"), got[4], ref[4], strict=True)
         out[name] = {
             "loss": _rel(got[0], ref[0]),
             "reconstruction": _rel(got[1], ref[1]),
             "codes": _rel(got[2], ref[2]),
             "topk_indices_agree": float((ref_mask & got_mask).sum() / ref_mask.sum()),
-            **{
-                f"grad_{p}": _rel(g, r)
-                for p, g, r in zip(("W_enc", "b_enc", "W_dec"), got[4], ref[4], strict=True)
-            },
+            **{f"grad_{p}": _rel(g, r) for p, g, r in grads},
         }
         if not all(torch.isfinite(torch.tensor(v)) for v in out[name].values()):
-            raise AssertionError(f"non-finite check result: {out[name]}")
+            raise AssertionError(f"non-finite check result for {name}: {out[name]}")
     # the weight-gradient methods on the same (indices, g, x)
     g = torch.Generator().manual_seed(args.seed + 1)
     idx = torch.randint(nf, (n, k), generator=g)
@@ -157,7 +164,7 @@ def timings(args, device) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from sctranscoder.core.transcoder import encoder_weight_grad, sparse_decode, topk_encode
+    from sctranscoder.core.transcoder import encoder_weight_grad, topk_encode
 
     n, d, nf, k, k_aux = args.batch, args.d, args.features, args.k, args.d // 2
     x, W_enc, b_enc, W_dec, y, dead = _problem(n, d, nf, args.seed + 2, device, torch.float32)
@@ -181,30 +188,40 @@ def timings(args, device) -> dict:
         lambda: encoder_weight_grad(indices, gv, xb, nf, method="dense")
     )
 
+    # one layer's whole step (loss forward and backward) as training computes it, by kernels
+    # and precision, without and with AuxK (5% of features dead)
+    from sctranscoder.core.training import (
+        _dense_decode_loss,
+        _dense_encode,
+        _sparse_decode_loss,
+        _sparse_encode,
+    )
+
     params = [t.clone().requires_grad_() for t in (W_enc, b_enc, W_dec)]
+    b_dec = torch.zeros(d, device=device, requires_grad=True)
+    kernels = {
+        "sparse": (_sparse_encode, _sparse_decode_loss),
+        "dense": (_dense_encode, _dense_decode_loss),
+    }
 
-    def ours(compute_dtype):
-        def step():
-            v, i = topk_encode(x, params[0], params[1], k, compute_dtype=compute_dtype)
-            ((sparse_decode(v, i, params[2]) - y).pow(2).sum()).backward()
+    def step(kernel, compute_dtype, aux):
+        encode, decode = kernels[kernel]
+        mask = dead if aux else None
 
-        return step
+        def fn():
+            enc = encode(x, params[0], params[1], k, mask, k_aux, compute_dtype)
+            loss = decode(x, y, *enc, params[2], b_dec, None, mask, k_aux, 1 / 32)[0]
+            loss.backward()
 
-    def dense_bf16():  # sparsify's way: autocast encoder, dense autograd through the TopK
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            pre = F.relu(F.linear(x, params[0], params[1]))
-            v, i = pre.topk(k, dim=-1, sorted=False)
-            y_hat = F.embedding_bag(i, params[2], per_sample_weights=v.float(), mode="sum")
-        ((y_hat.float() - y).pow(2).sum()).backward()
+        return fn
 
-    for name, fn in (
-        ("layer_step_ours_float32", ours(None)),
-        ("layer_step_ours_bf16_encoder", ours(torch.bfloat16)),
-        ("layer_step_dense_autograd_bf16", dense_bf16),
-    ):
-        for p in params:
-            p.grad = None
-        ms[name] = run(fn)
+    for kernel in kernels:
+        for precision, dtype in (("float32", None), ("bf16", torch.bfloat16)):
+            for aux in (False, True):
+                for p in (*params, b_dec):
+                    p.grad = None
+                name = f"layer_step_{kernel}_{precision}{'_auxk' if aux else ''}"
+                ms[name] = run(step(kernel, dtype, aux))
 
     # Adam over all layers' parameters
     n_params = 0
@@ -264,9 +281,10 @@ def main() -> None:
     )
     _common.write(doc, args.out or _common.RESULTS / f"training_step_{device.type}.json")
     print(
-        f"\n{'check (rel. error vs float64)':<32}" + "".join(f"{c:>14}" for c in check["float32"])
+        f"\n{'check (rel. error vs float64)':<32}"
+        + "".join(f"{c:>14}" for c in check["sparse_float32"])
     )
-    for name in ("float32", "bf16_encoder"):
+    for name in VARIANTS:
         print(f"{name:<32}" + "".join(f"{v:>14.2e}" for v in check[name].values()))
     print("weight gradient: " + ", ".join(f"{m} {v:.1e}" for m, v in check["weight_grad"].items()))
     print(f"\n{'part':<40}{'ms':>10}")

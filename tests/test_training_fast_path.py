@@ -151,7 +151,7 @@ def test_fast_path_trains_like_the_reference(model):
     # AuxK from the start (dead after 512 tokens) so that its sparse backward is exercised too
     kw = {"dead_tokens": 512}
     _, fast = _train(model, **kw)
-    _, ref = _train(model, sparse_backward=False, **kw)
+    _, ref = _train(model, kernels="dense", **kw)
     for layer in LAYERS:
         # same start, gradients equal to float rounding: the first steps agree closely...
         np.testing.assert_allclose(fast.loss[layer][:5], ref.loss[layer][:5], rtol=1e-4)

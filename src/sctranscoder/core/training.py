@@ -52,6 +52,8 @@ TIMING_KEYS = (
 )
 #: ``TrainingConfig.autocast`` values.
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``TrainingConfig.kernels`` values.
+KERNELS = ("auto", "sparse", "dense")
 #: Steps between copies of the loss curves from the device to the host.
 _LOG_EVERY = 32
 
@@ -105,11 +107,15 @@ class TrainingConfig:
     profile
         Record seconds per phase in ``TrainingLog.timings`` (:data:`TIMING_KEYS`), synchronising
         the device around every phase (which slows a GPU down a little).
-    sparse_backward
-        TopK: backpropagate through the encoder only at the ``k`` selected features per token
-        (:func:`~sctranscoder.core.transcoder.topk_encode`, default). ``False``: dense autograd
-        through the ``(batch, n_features)`` pre-activations, the reference; the same numbers up
-        to float rounding.
+    kernels
+        How a TopK step is computed; the same numbers up to float rounding.
+        ``"sparse"``: the encoder's backward touches only the ``k`` selected features per token
+        (:func:`~sctranscoder.core.transcoder.topk_encode`) and decoding gathers ``k`` decoder
+        rows per token (``embedding_bag``); no ``(batch, n_features)`` tensor in the backward.
+        ``"dense"``: the codes are scattered into ``(batch, n_features)`` and decoded by a matmul,
+        with plain autograd (the reference; on a GPU, in bf16 under ``autocast``, matmuls over
+        all features beat gathers and scatters). ``"auto"`` (default): dense on CUDA, sparse
+        elsewhere, as measured by ``benchmarks/training_step.py``.
     """
 
     activation: str = "topk"
@@ -127,7 +133,7 @@ class TrainingConfig:
     autocast: str | None = None
     compile: bool = False
     profile: bool = False
-    sparse_backward: bool = True
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.n_tokens < self.batch_size:
@@ -136,10 +142,18 @@ class TrainingConfig:
             )
         if self.expansion_factor < 1:
             raise ValueError("expansion_factor must be >= 1.")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}.")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(
                 f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}."
             )
+
+    def resolved_kernels(self, device: torch.device) -> str:
+        """``kernels`` with ``"auto"`` resolved for ``device``: dense on CUDA, else sparse."""
+        if self.kernels != "auto":
+            return self.kernels
+        return "dense" if torch.device(device).type == "cuda" else "sparse"
 
     def learning_rate(self, n_features: int) -> float:
         if self.lr is not None:
@@ -325,7 +339,7 @@ def train_transcoders(
     # each rank shuffles its own tokens its own way
     shuffle_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1 + dist.rank())
     timer = _Timer(config.profile, device)
-    fns = _LossFunctions(config.compile)
+    fns = _LossFunctions(config.resolved_kernels(device), config.compile)
     logger.info(
         "training %d transcoders (%s, %d features, lr %.2e) on %d tokens each",
         len(layers),
@@ -520,40 +534,23 @@ def _initialise_from_data(tc: Transcoder, x: torch.Tensor, y: torch.Tensor) -> N
 # -- the per-layer loss ---------------------------------------------------------------------------
 
 
-def _topk_encode(
+def _sparse_encode(
     x: torch.Tensor,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
     k: int,
     dead: torch.Tensor | None,
     k_aux: int,
-    sparse: bool,
     compute_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """TopK ``(values, indices)`` and, when ``dead`` is given, the AuxK candidates (else None)."""
-    if sparse:
-        if dead is None:
-            return *topk_encode(x, W_enc, b_enc, k, compute_dtype=compute_dtype), None, None
-        return topk_encode(x, W_enc, b_enc, k, dead=dead, k_aux=k_aux, compute_dtype=compute_dtype)
-    # reference: dense autograd through the (batch, n_features) pre-activations
-    if compute_dtype is not None:
-        pre = F.relu(
-            F.linear(x.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype))
-        )
-        values, indices = pre.float().topk(k, dim=-1, sorted=False)
-        if dead is None:
-            return values, indices, None, None
-        aux = pre.float().masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-        return values, indices, *aux
-    pre = F.relu(F.linear(x, W_enc, b_enc))
-    values, indices = pre.topk(k, dim=-1, sorted=False)
+    """Sparse kernels: TopK ``(values, indices)`` and, when ``dead`` is given, the AuxK candidates
+    (else None), with the backward of :func:`topk_encode`."""
     if dead is None:
-        return values, indices, None, None
-    aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-    return values, indices, aux_values, aux_indices
+        return *topk_encode(x, W_enc, b_enc, k, compute_dtype=compute_dtype), None, None
+    return topk_encode(x, W_enc, b_enc, k, dead=dead, k_aux=k_aux, compute_dtype=compute_dtype)
 
 
-def _topk_decode_loss(
+def _sparse_decode_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     values: torch.Tensor,
@@ -564,58 +561,132 @@ def _topk_decode_loss(
     b_dec: torch.Tensor,
     W_skip: torch.Tensor | None,
     dead: torch.Tensor | None,
+    k_aux: int,
     auxk_alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TopK loss (FVU, plus AuxK when features are dead), the FVU and fire counts per feature."""
-    var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+    """Sparse kernels: the loss from ``k`` gathered decoder rows a token (``embedding_bag``)."""
     y_hat = sparse_decode(values, indices, W_dec, b_dec)
+    e_hat = None
+    if dead is not None and aux_values is not None:
+        e_hat = F.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values, mode="sum")
+    return _topk_loss(
+        x, y, y_hat, e_hat, values, indices, W_dec.shape[0], W_skip, dead, k_aux, auxk_alpha
+    )
+
+
+def _dense_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    dead: torch.Tensor | None,
+    k_aux: int,
+    compute_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Dense kernels: TopK codes scattered into ``(batch, n_features)``, by plain autograd.
+
+    Returns ``(values, indices, codes, aux_codes)`` (``aux_codes`` None without ``dead``); the
+    matmul, the TopK and the codes are in ``compute_dtype`` when given (autocast).
+    """
+    with torch.autocast(x.device.type, dtype=compute_dtype or x.dtype, enabled=bool(compute_dtype)):
+        pre = F.relu(F.linear(x, W_enc, b_enc))
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    codes = torch.zeros_like(pre).scatter(-1, indices, values)
+    aux_codes = None
+    if dead is not None:
+        aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+        aux_codes = torch.zeros_like(pre).scatter(-1, aux_indices, aux_values)
+    return values, indices, codes, aux_codes
+
+
+def _dense_decode_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    codes: torch.Tensor,
+    aux_codes: torch.Tensor | None,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    W_skip: torch.Tensor | None,
+    dead: torch.Tensor | None,
+    k_aux: int,
+    auxk_alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense kernels: the loss from ``codes @ W_dec`` (in the codes' precision), then float32."""
+    W = W_dec.to(codes.dtype)
+    y_hat = (codes @ W).to(y.dtype) + b_dec
+    e_hat = None if aux_codes is None else (aux_codes @ W).to(y.dtype)
+    return _topk_loss(
+        x, y, y_hat, e_hat, values, indices, W_dec.shape[0], W_skip, dead, k_aux, auxk_alpha
+    )
+
+
+def _topk_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_hat: torch.Tensor,
+    e_hat: torch.Tensor | None,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    n_features: int,
+    W_skip: torch.Tensor | None,
+    dead: torch.Tensor | None,
+    k_aux: int,
+    auxk_alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TopK loss (FVU, plus AuxK when features are dead), the FVU and fire counts per feature.
+
+    ``y_hat``: the decoded output without the skip connection; ``e_hat``: the dead features'
+    decoded AuxK output (None: no AuxK).
+    """
+    var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
     if W_skip is not None:
         y_hat = y_hat + F.linear(x, W_skip)
     fvu = (y_hat - y).pow(2).sum() / var
     loss = fvu
-    if dead is not None and aux_values is not None:
-        loss = loss + auxk_alpha * _aux_loss(W_dec, aux_values, aux_indices, y - y_hat, dead, var)
-    fired = torch.zeros(W_dec.shape[0], dtype=y.dtype, device=y.device)
+    if dead is not None and e_hat is not None:
+        loss = loss + auxk_alpha * _aux_loss(e_hat, y - y_hat, dead, var, k_aux)
+    fired = torch.zeros(n_features, dtype=y.dtype, device=y.device)
     fired.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).to(y.dtype))
     return loss, fvu.detach(), fired
 
 
 def _aux_loss(
-    W_dec: torch.Tensor,
-    aux_values: torch.Tensor,
-    aux_indices: torch.Tensor,
+    e_hat: torch.Tensor,
     residual: torch.Tensor,
     dead: torch.Tensor,
     var: torch.Tensor,
+    k_aux: int,
 ) -> torch.Tensor:
     """AuxK: the top dead features (by ReLU pre-activation) should explain what the others missed.
 
-    ``aux_values, aux_indices``: the ``k_aux`` largest ReLU pre-activations among dead features;
-    when fewer than ``k_aux`` features are dead the others come with value 0 and add nothing. As
-    in Gao et al. (2024) and EleutherAI sparsify, the loss is scaled by ``min(n_dead / k_aux, 1)``
-    (a handful of dead features is not asked to carry the whole residual) and, as in sparsify,
-    normalised by the total variance ``var`` of the target, not of the residual: normalising by
-    the residual's variance weighted AuxK up as the fit improved and cost layer 0 of the embedded
-    model a validation FVU of 0.031 instead of 0.006 (100 steps). Decided on the device: 0 when
-    no feature is dead, no host round trip. The candidates come from the encoder's matmul (one
-    more ``topk`` over ``(batch, n_features)``), paid only once features can be dead.
+    ``e_hat``: the output decoded from the ``k_aux`` largest ReLU pre-activations among dead
+    features (when fewer than ``k_aux`` features are dead the others come with value 0 and add
+    nothing). As in Gao et al. (2024) and EleutherAI sparsify, the loss is scaled by
+    ``min(n_dead / k_aux, 1)`` (a handful of dead features is not asked to carry the whole
+    residual) and, as in sparsify, normalised by the total variance ``var`` of the target, not of
+    the residual: normalising by the residual's variance weighted AuxK up as the fit improved and
+    cost layer 0 of the embedded model a validation FVU of 0.031 instead of 0.006 (100 steps).
+    Decided on the device: 0 when no feature is dead, no host round trip. The candidates come
+    from the encoder's matmul (one more ``topk`` over ``(batch, n_features)``), paid only once
+    features can be dead.
     """
-    e_hat = F.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values, mode="sum")
-    k_aux = max(aux_indices.shape[-1], 1)
     scale = (dead.sum().to(residual.dtype) / k_aux).clamp(max=1.0)
     return scale * (e_hat - residual.detach()).pow(2).sum() / var
 
 
 class _LossFunctions:
-    """The TopK encoder and decoder-plus-loss, eager or through :func:`torch.compile`.
+    """The TopK encoder and decoder-plus-loss of the chosen kernels, eager or compiled.
 
-    Compilation happens at the first call; if it fails, a warning is logged and the eager
-    functions are used from then on.
+    Compilation (:func:`torch.compile`) happens at the first call; if it fails, a warning is
+    logged and the eager functions are used from then on.
     """
 
-    def __init__(self, compile: bool):
-        self.encode = _MaybeCompiled(_topk_encode, compile)
-        self.decode = _MaybeCompiled(_topk_decode_loss, compile)
+    def __init__(self, kernels: str, compile: bool):
+        dense = kernels == "dense"
+        self.encode = _MaybeCompiled(_dense_encode if dense else _sparse_encode, compile)
+        self.decode = _MaybeCompiled(_dense_decode_loss if dense else _sparse_decode_loss, compile)
 
 
 class _MaybeCompiled:
@@ -655,18 +726,12 @@ def _layer_loss(
     c = tc.config
     if c.activation == "topk":
         with timer("encoder"):
-            enc = fns.encode(
-                x,
-                tc.W_enc,
-                tc.b_enc,
-                c.k,
-                dead,
-                k_aux,
-                cfg.sparse_backward,
-                AUTOCAST_DTYPES.get(cfg.autocast),
-            )
+            dtype = AUTOCAST_DTYPES.get(cfg.autocast)
+            enc = fns.encode(x, tc.W_enc, tc.b_enc, c.k, dead, k_aux, dtype)
         with timer("decoder"):
-            return fns.decode(x, y, *enc, tc.W_dec, tc.b_dec, tc.W_skip, dead, cfg.auxk_alpha)
+            return fns.decode(
+                x, y, *enc, tc.W_dec, tc.b_dec, tc.W_skip, dead, k_aux, cfg.auxk_alpha
+            )
     with timer("encoder"):
         pre = F.relu(tc.pre_activations(x))
     with timer("decoder"):
@@ -679,7 +744,10 @@ def _layer_loss(
         fired = (pre > 0).sum(0).to(y.dtype)
         if dead is not None:
             aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-            aux = _aux_loss(tc.W_dec, aux_values, aux_indices, y - y_hat, dead, var)
+            e_hat = F.embedding_bag(
+                aux_indices, tc.W_dec, per_sample_weights=aux_values, mode="sum"
+            )
+            aux = _aux_loss(e_hat, y - y_hat, dead, var, k_aux)
             loss = loss + cfg.auxk_alpha * aux
     return loss, fvu.detach(), fired
 

@@ -131,9 +131,10 @@ def train_transcoders(
         ``"cpu"``, ``"cuda"``, ... Default: where the model is; in data-parallel training with
         CUDA available, ``cuda:<LOCAL_RANK>`` (the GPU ``torchrun`` assigns to the rank).
     autocast
-        Run the frozen model's forward pass in ``"bf16"`` or ``"fp16"`` (``torch.autocast``; the
-        GPU setting); its MLP inputs and outputs are cast back to float32 for the transcoders,
-        which always train in float32. Default: the model's own precision.
+        Run the frozen model's forward pass, and the TopK encoder's matmul and selection, in
+        ``"bf16"`` or ``"fp16"`` (``torch.autocast``; the GPU setting). MLP inputs and outputs
+        are cast back to float32; the transcoders' weights, gradients and optimiser stay in
+        float32. Default: the model's own precision, float32 transcoders.
     compile
         ``torch.compile`` the transcoders' encoder and decoder-plus-loss (falls back to eager,
         with a logged warning, where compilation fails).
