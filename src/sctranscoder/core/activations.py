@@ -78,7 +78,7 @@ def batch_activations(
         gene_cell, gene_pos = present // G, present % G
     out = {}
     for layer in layers:
-        tc = transcoders[layer]
+        tc = transcoders[layer].to(device)  # stored transcoders load on the CPU
         F_ = tc.config.n_features
         x = inputs[layer].float()
         values, indices = tc.encode_sparse(x)  # (B, T, k)
@@ -108,5 +108,7 @@ def batch_activations(
             out[layer] = BatchActivations(cells, gene_cell, gene_pos, gv, fired, n_real)
         else:
             empty = torch.zeros(0, dtype=torch.long, device=device)
-            out[layer] = BatchActivations(cells, empty, empty, torch.zeros(0, F_), fired, n_real)
+            out[layer] = BatchActivations(
+                cells, empty, empty, torch.zeros(0, F_, device=device), fired, n_real
+            )
     return out
