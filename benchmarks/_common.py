@@ -115,8 +115,9 @@ def code_version() -> dict:
             return ""
 
     return {
-        # a copy of the tree without .git (e.g. a GPU machine) names its commit in SCT_COMMIT
-        "commit": git("rev-parse", "HEAD") or os.environ.get("SCT_COMMIT", ""),
+        # a copy of the tree whose .git is missing or stale (e.g. on a GPU machine) names its
+        # commit in SCT_COMMIT; the hashes below identify the code either way
+        "commit": os.environ.get("SCT_COMMIT") or git("rev-parse", "HEAD"),
         "uncommitted_src": git("diff", "--stat", "--", "src").splitlines()[-1:]
         or ["(no uncommitted changes in src/)"],
         "untracked_src": [

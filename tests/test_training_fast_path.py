@@ -89,11 +89,24 @@ def _loss_and_grads(sparse: bool, x, W_enc, b_enc, W_dec, y, dead, k, k_aux=20):
     return loss.detach(), indices, aux_indices, [t.grad for t in leaves]
 
 
-def test_topk_encode_matches_dense_autograd():
-    problem = _random_problem()
+@pytest.mark.parametrize("n_dead", [None, 3])
+def test_topk_encode_matches_dense_autograd(n_dead):
+    problem = list(_random_problem())
+    if n_dead is not None:  # fewer dead features than AuxK candidates (k_aux=20)
+        dead = torch.zeros_like(problem[5])
+        dead[[5, 77, 300]] = True
+        problem[5] = dead
     loss, idx, aux_idx, grads = _loss_and_grads(True, *problem)
     ref_loss, ref_idx, ref_aux_idx, ref_grads = _loss_and_grads(False, *problem)
-    assert torch.equal(idx, ref_idx) and torch.equal(aux_idx, ref_aux_idx)
+    assert torch.equal(idx, ref_idx)
+    # AuxK candidates: the same dead features with a positive pre-activation (the CPU path
+    # searches only dead columns, so it leaves out the zero-valued fillers the reference returns)
+    x, W_enc, b_enc, dead = problem[0], problem[1], problem[2], problem[5]
+    live = (F.linear(x, W_enc, b_enc) > 0) & dead
+    for r, (row, ref_row) in enumerate(zip(aux_idx, ref_aux_idx, strict=True)):
+        assert {i for i in row.tolist() if live[r, i]} == {
+            i for i in ref_row.tolist() if live[r, i]
+        }
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for name, g, ref in zip(("x", "W_enc", "b_enc", "W_dec"), grads, ref_grads, strict=True):
         assert _rel(g, ref) < GRAD_RTOL, (name, _rel(g, ref))

@@ -36,7 +36,9 @@ class _TopKEncode(torch.autograd.Function):
 
     Optionally (``dead`` given) it also returns the AuxK candidates from the same matmul: the
     ``k_aux`` largest ReLU pre-activations among the ``dead`` features (0 where fewer are
-    positive), with the same sparse backward.
+    positive), with the same sparse backward. On the CPU only the dead features' columns are
+    searched, so fewer than ``k_aux`` candidates come back when fewer features are dead (the
+    others would be non-dead features with value 0, which add nothing to the loss or gradients).
     """
 
     @staticmethod
@@ -48,7 +50,15 @@ class _TopKEncode(torch.autograd.Function):
                 F.linear(x.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype))
             )
         values, indices = pre.topk(k, dim=-1, sorted=False)
-        if dead is not None:
+        if dead is not None and x.device.type == "cpu":
+            # only the dead features' columns (where reading the mask costs no device sync):
+            # usually a handful, so no second TopK over all features
+            cols = dead.nonzero().squeeze(1)
+            aux_values, pos = pre.index_select(1, cols).topk(
+                min(k_aux, cols.numel()), dim=-1, sorted=False
+            )
+            aux_indices = cols[pos]
+        elif dead is not None:
             aux_values, aux_indices = pre.masked_fill_(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
         else:
             aux_values = pre.new_zeros(x.shape[0], 0)
