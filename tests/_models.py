@@ -17,6 +17,17 @@ TINY_TOKENIZER_DIR = (
 TINY_VOCAB = 640
 
 
+def random_prompts(seed: int, *, batch: int = 8, seq: int = 48):
+    """Endless random prompt batches over the tiny vocabulary, right-padded (pad id 1) to random
+    lengths: ``(input_ids, attention_mask)``."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(2, TINY_VOCAB, (batch, seq), generator=gen)
+        lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
+        mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+        yield ids.masked_fill(mask == 0, 1), mask
+
+
 def tiny_tokenizer():
     """The embedded model's fast tokenizer."""
     from transformers import AutoTokenizer

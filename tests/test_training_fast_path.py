@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import TINY_VOCAB, tiny_neox
+from _models import random_prompts, tiny_neox
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sctranscoder.core import distributed
@@ -29,16 +29,6 @@ TRAIN = {"n_tokens": 5000, "batch_size": 256, "buffer_tokens": 2048}
 GRAD_RTOL = 1e-5
 
 
-def _prompts(seed: int, *, batch: int = 8, seq: int = 48):
-    """Endless random prompt batches, right-padded (pad id 1) to random lengths."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        ids = torch.randint(2, TINY_VOCAB, (batch, seq), generator=gen)
-        lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
-        mask = (torch.arange(seq)[None] < lengths[:, None]).long()
-        yield ids.masked_fill(mask == 0, 1), mask
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_neox(n_layers=2, d=D)
@@ -47,7 +37,7 @@ def model():
 def _train(model, seed=0, **overrides):
     config = TrainingConfig(**{**TRAIN, "seed": seed, **overrides})
     return train_transcoders(
-        model, _prompts(seed), layers=LAYERS, config=config, d_in=D, d_out=D, progress=False
+        model, random_prompts(seed), layers=LAYERS, config=config, d_in=D, d_out=D, progress=False
     )
 
 
@@ -191,7 +181,7 @@ def test_bf16_harvest_error_is_small():
     from sctranscoder.datasets import tiny_c2s
 
     c2s = tiny_c2s()
-    batches = [next(_prompts(7, batch=4, seq=64))]
+    batches = [next(random_prompts(7, batch=4, seq=64))]
     layers = list(range(c2s.n_layers))
     fp32 = next(harvest(c2s.model, batches, layers, device=CPU))
     bf16 = next(harvest(c2s.model, batches, layers, device=CPU, autocast="bf16"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import TINY_VOCAB, tiny_neox
+from _models import TINY_VOCAB, random_prompts, tiny_neox
 
 from sctranscoder.core import evaluation
 from sctranscoder.core.evaluation import layer_metrics, replacement_metrics
@@ -44,25 +44,15 @@ def _inputs(tc, *shape, seed=1):
     return torch.randn(*shape, tc.config.d_in, generator=torch.Generator().manual_seed(seed))
 
 
-def _prompts(seed: int, *, batch: int = 8, seq: int = 48):
-    """Endless random prompt batches, right-padded (pad id 1) to random lengths."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        ids = torch.randint(2, TINY_VOCAB, (batch, seq), generator=gen)
-        lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
-        mask = (torch.arange(seq)[None] < lengths[:, None]).long()
-        yield ids.masked_fill(mask == 0, 1), mask
-
-
 def _heldout(n: int = 4):
-    stream = _prompts(12345)
+    stream = random_prompts(12345)
     return [next(stream) for _ in range(n)]
 
 
 def _train(model, seed=0, **overrides):
     config = TrainingConfig(**{**TRAIN, "seed": seed, **overrides})
     return train_transcoders(
-        model, _prompts(seed), layers=LAYERS, config=config, d_in=D, d_out=D, progress=False
+        model, random_prompts(seed), layers=LAYERS, config=config, d_in=D, d_out=D, progress=False
     )
 
 
@@ -260,7 +250,7 @@ def test_relu_training_and_l1_controls_sparsity(model):
 
 
 def test_too_few_tokens_for_one_batch(model):
-    ids, mask = next(_prompts(0))
+    ids, mask = next(random_prompts(0))
     config = TrainingConfig(n_tokens=1024, batch_size=1024)
     assert int(mask.sum()) < 1024
     with pytest.raises(ValueError, match="batch_size"):

@@ -78,7 +78,7 @@ def batch_activations(
         gene_cell, gene_pos = present // G, present % G
     out = {}
     for layer in layers:
-        tc = transcoders[layer].to(device)  # stored transcoders load on the CPU
+        tc = transcoders[layer]
         F_ = tc.config.n_features
         x = inputs[layer].float()
         values, indices = tc.encode_sparse(x)  # (B, T, k)

@@ -43,12 +43,8 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k, dead, k_aux, compute_dtype):
-        if compute_dtype is None or compute_dtype == x.dtype:
-            pre = F.relu(F.linear(x, W_enc, b_enc))
-        else:
-            pre = F.relu(
-                F.linear(x.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype))
-            )
+        dt = compute_dtype or x.dtype  # .to() is a no-op in x's own dtype
+        pre = F.relu(F.linear(x.to(dt), W_enc.to(dt), b_enc.to(dt)))
         values, indices = pre.topk(k, dim=-1, sorted=False)
         if dead is not None and x.device.type == "cpu":
             # only the dead features' columns (where reading the mask costs no device sync):

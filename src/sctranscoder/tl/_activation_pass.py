@@ -79,5 +79,7 @@ def activation_pass(
         adata, key, None if layers is None else [int(x) for x in layers]
     )
     model = resolve_model(adata, key, model)
+    # stored transcoders load on the CPU: run them where the model is (e.g. a GPU)
+    transcoders = {layer: tc.to(model.device) for layer, tc in transcoders.items()}
     sentences = gene_lists(adata, sentence_key, n_genes=model.settings.n_genes)
     return ActivationPass(model, transcoders, sentences, sentence_key)
