@@ -19,6 +19,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TOKENIZER = ROOT.parent / "shared" / "assets" / "pythia_20B_tokenizer.json"
+PACKAGE = ROOT / "src" / "sctranscoder"
+#: Source files whose sha256 identifies the code a result was measured on (paths under
+#: ``src/sctranscoder``): every module of the training package, the transcoder (its kernels) and
+#: the activation pass.
+CORE_MODULES = (
+    *sorted(
+        p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "core" / "training").glob("*.py")
+    ),
+    "core/transcoder.py",
+    "core/activations.py",
+)
 
 
 def command() -> str:
@@ -103,7 +114,7 @@ def snapshot_code() -> dict:
 
 
 def code_version() -> dict:
-    """Git commit, a summary of uncommitted changes to ``src/`` and hashes of the core modules."""
+    """Git commit, a summary of uncommitted changes to ``src/``, sha256 of :data:`CORE_MODULES`."""
     import hashlib
 
     def git(*args: str) -> str:
@@ -124,11 +135,9 @@ def code_version() -> dict:
             line for line in git("status", "--porcelain", "--", "src").splitlines() if "??" in line
         ],
         "sha256_12": {
-            name: hashlib.sha256((ROOT / "src" / "sctranscoder" / name).read_bytes()).hexdigest()[
-                :12
-            ]
-            for name in ("core/training.py", "core/transcoder.py", "core/activations.py")
-            if (ROOT / "src" / "sctranscoder" / name).exists()
+            name: hashlib.sha256((PACKAGE / name).read_bytes()).hexdigest()[:12]
+            for name in CORE_MODULES
+            if (PACKAGE / name).exists()
         },
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -5,9 +5,9 @@ tiled ``--copies`` times), transcoders on all 4 layers (expansion 8, k 32). By d
 transcoders are trained briefly first (``--train-tokens``, with
 :func:`sctranscoder.core.training.train_transcoders`, no validation pass); their quality does not
 matter for speed, only that they are sparse like real ones. ``--random-transcoders`` skips
-training. ``feature_activations`` runs with its defaults (``aggregate="max"``, per-gene
-activations on, 32 cells a batch), timed end to end (tokenisation, model, encoders, aggregation,
-sparse result assembly, writing ``obsm``/``varm``).
+training. ``feature_activations`` runs with its defaults (``aggregate="max"``, the genes x
+features tables on, 32 cells a batch), timed end to end (tokenisation, model, encoders,
+aggregation, sparse result assembly, writing ``obsm`` and the activation record in ``uns``).
 
     python benchmarks/activation_throughput.py
     python benchmarks/activation_throughput.py --device cuda
@@ -28,43 +28,43 @@ import _common
 
 
 def transcoders_for(cm, args):
+    """Transcoders on every layer (trained briefly, or random), their config and training time."""
+    import numpy as np
     import torch
 
+    import sctranscoder as sct
+    from sctranscoder._records import sentences
+    from sctranscoder.core.prompts import prompt_batches
+    from sctranscoder.core.training import TrainingConfig, train_transcoders
     from sctranscoder.core.transcoder import Transcoder, TranscoderConfig
 
     d = cm.d_model
     layers = list(range(cm.n_layers))
+    config = TrainingConfig(
+        expansion_factor=args.expansion, k=args.k, seed=args.seed, prompt_batch_size=16
+    )
     if args.random_transcoders:
         gen = torch.Generator().manual_seed(args.seed)
         cfg = TranscoderConfig(d_in=d, d_out=d, n_features=args.expansion * d, k=args.k)
-        return {layer: Transcoder(cfg, generator=gen).eval() for layer in layers}, 0.0
-    from sctranscoder._store import gene_lists
-    from sctranscoder.core.training import TrainingConfig, train_transcoders
-    from sctranscoder.tl._train_transcoders import prompt_batches
+        return {layer: Transcoder(cfg, generator=gen).eval() for layer in layers}, config, 0.0
+    config = config.replace(n_tokens=args.train_tokens)
 
     adata = _common.pbmc()
-    import sctranscoder as sct
-
     sct.pp.cell_sentences(adata, model=cm)
-    sentences = gene_lists(adata, "cell_sentence", n_genes=cm.settings.n_genes)
-    import numpy as np
-
+    cells = sentences(adata, "cell_sentence", n_genes=cm.settings.n_genes)
     stream = prompt_batches(
-        cm, sentences, np.arange(adata.n_obs), batch_size=16, seed=args.seed, repeat=True
+        cm,
+        cells,
+        np.arange(adata.n_obs),
+        batch_size=config.prompt_batch_size,
+        seed=args.seed,
+        repeat=True,
     )
     t0 = time.perf_counter()
     tcs, _ = train_transcoders(
-        cm.model,
-        stream,
-        layers=layers,
-        config=TrainingConfig(
-            expansion_factor=args.expansion, k=args.k, n_tokens=args.train_tokens, seed=args.seed
-        ),
-        d_in=d,
-        d_out=d,
-        progress=False,
+        cm.model, stream, layers=layers, config=config, d_in=d, d_out=d, progress=False
     )
-    return tcs, time.perf_counter() - t0
+    return tcs, config, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -89,7 +89,8 @@ def main() -> None:
     import torch
 
     import sctranscoder as sct
-    from sctranscoder._store import model_record, transcoders_to_uns
+    from sctranscoder._records import write_transcoders
+    from sctranscoder.core.transcoder_set import TranscoderSet
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,19 +99,16 @@ def main() -> None:
     out_path = args.out or _common.RESULTS / f"activation_throughput_{kind}.json"
 
     cm = sct.datasets.tiny_c2s()
-    tcs, train_seconds = transcoders_for(cm, args)
+    tcs, config, train_seconds = transcoders_for(cm, args)
     cm.model.to(args.device)
-    uns = {
-        "params": {"sentence_key": "cell_sentence"},
-        "model": model_record(cm),
-        "transcoders": transcoders_to_uns(tcs),
-    }
+    tset = TranscoderSet(tcs, model=cm.record(), config=config)
+    params = {"config": config.to_dict(), "sentence_key": "cell_sentence"}
     results = []
     for n_genes in args.genes:
         model = dataclasses.replace(cm, settings=dataclasses.replace(cm.settings, n_genes=n_genes))
         adata = _common.pbmc(args.copies)
         sct.pp.cell_sentences(adata, model=model, n_genes=n_genes)
-        adata.uns["sct"] = uns
+        write_transcoders(adata, "sct", tset, params=params)
         n_tokens = int(
             sum(
                 int(model.tokenize([s.split()]).lengths[0])

@@ -5,12 +5,13 @@ a fresh process, so its peak resident memory is its own. Inside the process, a t
 resident set (``VmRSS``) every 5 ms while the tool runs; reported are the resident memory just
 before the call (model, data and sentences loaded), the sampled peak during the call, their
 difference (the tool's working memory plus what it writes), and the size of what it writes to the
-AnnData (``obsm``/``varm`` sparse matrices grow with cells by design, so they are reported
-separately). Whole-process ``ru_maxrss`` is recorded too.
+AnnData (the ``obsm`` sparse matrices grow with cells by design, so they are reported separately,
+with the genes x features tables of the activation record). Whole-process ``ru_maxrss`` is
+recorded too.
 
 * ``train``: ``sct.tl.train_transcoders`` (embedded model, all 4 layers, a fixed ``--n-tokens``,
   with its validation metrics on 10% of the cells, as a user runs it).
-* ``activations``: ``sct.tl.feature_activations`` (default aggregate and per-gene activations)
+* ``activations``: ``sct.tl.feature_activations`` (default aggregate and genes x features tables)
   with random transcoders on all 4 layers (memory does not depend on training).
 
 Prompts hold ``--n-genes`` genes (default 16, ~100 tokens) so that the largest size stays quick
@@ -70,8 +71,10 @@ def _case(task: str, n_cells: int, args_dict: dict, queue) -> None:
     import torch
 
     import sctranscoder as sct
-    from sctranscoder._store import model_record, transcoders_to_uns
+    from sctranscoder._records import write_transcoders
+    from sctranscoder.core.training import TrainingConfig
     from sctranscoder.core.transcoder import Transcoder, TranscoderConfig
+    from sctranscoder.core.transcoder_set import TranscoderSet
 
     torch.set_num_threads(args_dict["threads"])
     copies = -(-n_cells // 700)
@@ -85,11 +88,14 @@ def _case(task: str, n_cells: int, args_dict: dict, queue) -> None:
         gen = torch.Generator().manual_seed(0)
         cfg = TranscoderConfig(d_in=d, d_out=d, n_features=8 * d, k=32)
         tcs = {i: Transcoder(cfg, generator=gen).eval() for i in range(model.n_layers)}
-        adata.uns["sct"] = {
-            "params": {"sentence_key": "cell_sentence"},
-            "model": model_record(model),
-            "transcoders": transcoders_to_uns(tcs),
-        }
+        config = TrainingConfig(expansion_factor=8, k=32)
+        tset = TranscoderSet(tcs, model=model.record(), config=config)
+        write_transcoders(
+            adata,
+            "sct",
+            tset,
+            params={"config": config.to_dict(), "sentence_key": "cell_sentence"},
+        )
     gc.collect()
     before = _common.current_rss_mib()
     t0 = time.perf_counter()
@@ -104,7 +110,8 @@ def _case(task: str, n_cells: int, args_dict: dict, queue) -> None:
     written = 0
     if task == "activations":
         written = sum(_nbytes(adata.obsm[k]) for k in adata.obsm if k.startswith("X_sct_"))
-        written += sum(_nbytes(adata.varm[k]) for k in adata.varm if k.startswith("sct_"))
+        genes = adata.uns["sct_activations"]["genes"]  # the genes x features tables
+        written += sum(_nbytes(m) for part in ("counts", "sums") for m in genes[part].values())
     else:
         written = sum(
             _nbytes(v)

@@ -71,10 +71,10 @@ def build(args):
     import torch
 
     import sctranscoder as sct
-    from sctranscoder._store import gene_lists
+    from sctranscoder._records import sentences as cell_sentences
     from sctranscoder.core.model import C2SModel
+    from sctranscoder.core.prompts import prompt_batches
     from sctranscoder.core.sentences import PromptSettings
-    from sctranscoder.tl._train_transcoders import prompt_batches
 
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.model_dtype]
@@ -151,7 +151,7 @@ def build(args):
         n_genes = args.n_genes or cm.settings.n_genes
         cm.settings = dataclasses.replace(cm.settings, n_genes=n_genes)
         sct.pp.cell_sentences(adata, model=cm, n_genes=n_genes)
-        sentences = gene_lists(adata, "cell_sentence", n_genes=n_genes)
+        sentences = cell_sentences(adata, "cell_sentence", n_genes=n_genes)
         n_cells = adata.n_obs
         val = np.zeros(n_cells, dtype=bool)
         val[rng.choice(n_cells, size=max(1, round(0.1 * n_cells)), replace=False)] = True
@@ -240,6 +240,7 @@ def run_ours(cm, train_stream, layers, args, *, n_tokens: int, profile: bool) ->
         n_tokens=n_tokens,
         seed=args.seed,
         autocast=args.autocast,
+        prompt_batch_size=args.prompt_batch_size,
         **kwargs,
     )
     device = torch.device(args.device)
@@ -264,7 +265,7 @@ def run_ours(cm, train_stream, layers, args, *, n_tokens: int, profile: bool) ->
         "steps": int(log.steps),
         "train_dead_fraction": {int(k): float(v) for k, v in log.dead_fraction.items()},
         "lr": cfg.learning_rate(args.expansion * cm.d_model),
-        "config": cfg.to_dict(),
+        "config": dataclasses.asdict(cfg),  # every field, None included
     }
     timings = getattr(log, "timings", None)
     if profile:

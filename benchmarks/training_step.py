@@ -54,15 +54,16 @@ def _problem(n, d, n_features, seed, device, dtype):
 
 def _step(x, W_enc, b_enc, W_dec, y, dead, k, k_aux, *, kernels, compute_dtype=None):
     """Loss (FVU + AuxK), reconstruction, codes, indices and gradients of one layer's step, as
-    training computes it with ``kernels`` ("sparse" or "dense")."""
+    training computes it with ``kernels`` ("sparse" or "dense").
+    """
     import torch
 
-    from sctranscoder.core import training
+    from sctranscoder.core.training import losses
     from sctranscoder.core.transcoder import sparse_decode
 
     encode, decode = {
-        "sparse": (training._sparse_encode, training._sparse_decode_loss),
-        "dense": (training._dense_encode, training._dense_decode_loss),
+        "sparse": (losses.sparse_encode, losses.sparse_decode_loss),
+        "dense": (losses.dense_encode, losses.dense_decode_loss),
     }[kernels]
     leaves = [t.clone().requires_grad_() for t in (W_enc, b_enc, W_dec)]
     we, be, wd = leaves
@@ -190,18 +191,18 @@ def timings(args, device) -> dict:
 
     # one layer's whole step (loss forward and backward) as training computes it, by kernels
     # and precision, without and with AuxK (5% of features dead)
-    from sctranscoder.core.training import (
-        _dense_decode_loss,
-        _dense_encode,
-        _sparse_decode_loss,
-        _sparse_encode,
+    from sctranscoder.core.training.losses import (
+        dense_decode_loss,
+        dense_encode,
+        sparse_decode_loss,
+        sparse_encode,
     )
 
     params = [t.clone().requires_grad_() for t in (W_enc, b_enc, W_dec)]
     b_dec = torch.zeros(d, device=device, requires_grad=True)
     kernels = {
-        "sparse": (_sparse_encode, _sparse_decode_loss),
-        "dense": (_dense_encode, _dense_decode_loss),
+        "sparse": (sparse_encode, sparse_decode_loss),
+        "dense": (dense_encode, dense_decode_loss),
     }
 
     def step(kernel, compute_dtype, aux):

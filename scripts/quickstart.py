@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import platform
 import time
@@ -86,8 +85,7 @@ def _format(x) -> str:
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("sctranscoder").setLevel(logging.INFO)
+    sc.settings.verbosity = "info"  # sctranscoder logs through scanpy's logger
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     train_kwargs = {"seed": args.seed}
@@ -112,13 +110,13 @@ def main() -> None:
         adata.write_h5ad(h5ad)
     png = out / f"umap_features_L{LAYER_SHOWN}.png"
     with timed(timings, "plot"):
-        sct.pl.activations(adata, LAYER_SHOWN, show=False)
-        plt.savefig(png, dpi=120, bbox_inches="tight")
+        fig = sct.pl.activations(adata, LAYER_SHOWN, show=False, return_fig=True)
+        fig.savefig(png, dpi=120, bbox_inches="tight")
         plt.close("all")
 
     layers, whole = sct.get.metrics(adata)
-    record = adata.uns["sct"]
-    params = record["params"]
+    tset = sct.get.transcoders(adata)
+    config, run, model_record = tset.config, tset.run, tset.model
     mean_l0 = float(layers["l0"].mean())
     target_met = whole["ce_recovered"] >= TARGET_CE_RECOVERED and mean_l0 <= TARGET_MEAN_L0
     summary = {
@@ -128,20 +126,20 @@ def main() -> None:
             "n_vars": adata.n_vars,
         },
         "model": {
-            "name": record["model"]["name"],
-            "fingerprint": record["model"]["fingerprint"],
-            "n_layers": int(record["model"]["n_layers"]),
-            "d_model": int(record["model"]["d_model"]),
-            "n_genes": int(record["model"]["n_genes"]),
+            "name": model_record["name"],
+            "fingerprint": model_record["fingerprint"],
+            "n_layers": int(model_record["n_layers"]),
+            "d_model": int(model_record["d_model"]),
+            "n_genes": int(model_record["n_genes"]),
         },
         "training": {
-            "activation": str(params["activation"]),
+            "activation": str(config.activation),
             "n_features": int(fa.n_vars),
-            "k": int(params["k"]),
-            "n_tokens": int(params["n_tokens"]),
-            "tokens_seen": int(params["tokens_seen"]),
-            "steps": int(params["steps"]),
-            "device": str(params["device"]),
+            "k": int(config.k),
+            "n_tokens": int(config.n_tokens),
+            "tokens_seen": int(run["tokens_seen"]),
+            "steps": int(run["steps"]),
+            "device": str(run["device"]),
             "seed": args.seed,
         },
         "layers": {

@@ -286,7 +286,7 @@ architecture and prompt, not a model for biological conclusions of its own.
         + "".join(f"| {k} | {v:.3f} |\n" for k, v in results.items())
         + f"""
 Majority class of the training cells ({majority_label}): {majority_acc:.3f} on the same held-out cells.
-`tests/test_tiny_c2s.py` re-measures the accuracy from the shipped weights.
+`tests/datasets/test_tiny_c2s.py` re-measures the accuracy from the shipped weights.
 """
     )
     (out / "README.md").write_text(card)

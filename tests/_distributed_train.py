@@ -1,7 +1,9 @@
 """Helper of ``test_distributed.py``: train transcoders on a fixed subset of pbmc68k_reduced.
 
 Run plainly (one process) or under ``torchrun`` (gloo, CPU); every rank writes its transcoder
-weights to ``<out>/rank<r>.npz`` and its metrics and parameters to ``<out>/rank<r>.json``.
+weights to ``<out>/rank<r>.npz`` (``"layer_<i>/W_enc"``, ...) and its record's metrics and
+parameters (``params``, with the ``TrainingConfig`` as ``params["config"]``) to
+``<out>/rank<r>.json``.
 
     python tests/_distributed_train.py OUT N_CELLS N_TOKENS BATCH_SIZE
 """
@@ -35,27 +37,23 @@ def main(out: Path, n_cells: int, n_tokens: int, batch_size: int) -> None:
     sct.tl.train_transcoders(
         adata, model, n_tokens=n_tokens, batch_size=batch_size, device="cpu", progress=False
     )
-    rec = adata.uns["sct"]
+    rec = adata.uns["sct"]  # the transcoder record (default key_added)
     r = rank()
     np.savez(
         out / f"rank{r}.npz",
         **{
-            f"{layer}/{k}": v
+            f"{layer}/{k}": v  # layer: "layer_<i>"; its "config" dict is left out
             for layer, d in rec["transcoders"].items()
             for k, v in d.items()
             if isinstance(v, np.ndarray)
         },
     )
-    params = {
-        k: (v.tolist() if isinstance(v, np.ndarray) else v)
-        for k, v in rec["params"].items()
-        if k != "train_seconds"
-    }
+    params = {k: _plain(v) for k, v in rec["params"].items() if k != "train_seconds"}
     (out / f"rank{r}.json").write_text(
         json.dumps(
             {
-                "layers": rec["metrics"]["layers"].to_dict(orient="list"),
-                "model": rec["metrics"]["model"],
+                "layers": _plain(rec["metrics"]["layers"].to_dict(orient="list")),
+                "model": _plain(rec["metrics"]["model"]),
                 "params": params,
                 "train_seconds": rec["params"]["train_seconds"],
                 "split": adata.obs["sct_split"].astype(str).tolist(),
@@ -65,6 +63,15 @@ def main(out: Path, n_cells: int, n_tokens: int, batch_size: int) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _plain(value):
+    """Values of a record as JSON-ready Python (numpy arrays and scalars converted)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray | list | tuple):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ TINY_VOCAB = 640
 
 def random_prompts(seed: int, *, batch: int = 8, seq: int = 48):
     """Endless random prompt batches over the tiny vocabulary, right-padded (pad id 1) to random
-    lengths: ``(input_ids, attention_mask)``."""
+    lengths: ``(input_ids, attention_mask)``.
+    """
     gen = torch.Generator().manual_seed(seed)
     while True:
         ids = torch.randint(2, TINY_VOCAB, (batch, seq), generator=gen)

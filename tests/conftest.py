@@ -1,3 +1,10 @@
+"""Shared fixtures: the embedded model, and transcoders trained once for the whole session.
+
+Training takes most of a test's setup, so every module that needs "transcoders on the embedded
+model" shares one session fixture (:func:`trained_base`) and works on a copy of it
+(:func:`trained`), instead of training its own.
+"""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,16 +12,52 @@ from pathlib import Path
 import pytest
 import scanpy as sc
 
+import sctranscoder as sct
+
 #: The real GPT-NeoX-20B tokenizer of Pythia (and so of C2S-Pythia), kept beside the repository.
 PYTHIA_TOKENIZER = (
     Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "pythia_20B_tokenizer.json"
 )
+#: The shared training run: cells, tokens per layer and tokens per step.
+N_CELLS, N_TOKENS, BATCH = 150, 8192, 1024
+#: Marker sets computed from the data: the offline gene sets of the tests.
+MARKERS = "markers:bulk_labels"
 
 
 @pytest.fixture
 def pbmc():
     """700 PBMCs x 765 genes; ``.X`` is scaled, ``.raw`` log-normalised (shipped with scanpy)."""
     return sc.datasets.pbmc68k_reduced()
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The embedded model (read-only: tests must not change it)."""
+    return sct.datasets.tiny_c2s()
+
+
+@pytest.fixture(scope="session")
+def trained_base(model):
+    """150 PBMCs with sentences, transcoders on every layer and their activations (read-only)."""
+    adata = sc.datasets.pbmc68k_reduced()[:N_CELLS].copy()
+    sct.pp.cell_sentences(adata, model=model)
+    sct.tl.train_transcoders(adata, model, n_tokens=N_TOKENS, batch_size=BATCH, progress=False)
+    sct.tl.feature_activations(adata, progress=False)
+    return adata
+
+
+@pytest.fixture
+def trained(trained_base):
+    """A copy of :func:`trained_base` that a test may change."""
+    return trained_base.copy()
+
+
+@pytest.fixture(scope="session")
+def annotated_base(trained_base):
+    """:func:`trained_base` with its features annotated by the data's markers (ORA, read-only)."""
+    adata = trained_base.copy()
+    sct.tl.annotate_features(adata, gene_sets=MARKERS, n_top=20, seed=0)
+    return adata
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +70,28 @@ def pythia_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_file=str(PYTHIA_TOKENIZER), eos_token="<|endoftext|>")
+
+
+@pytest.fixture
+def sct_logs(caplog):
+    """Pytest's caplog seeing every sctranscoder message at verbosity "info".
+
+    Tools log through scanpy's logger (its own hierarchy, which pytest does not capture) and the
+    torch core through the standard library's ``"sctranscoder"`` logger (which does not
+    propagate); both are routed to caplog here, and ``sc.settings.verbosity`` is "info".
+    """
+    import logging
+
+    logger = logging.getLogger("sctranscoder")
+    scanpy_root = sc.settings._root_logger
+    verbosity = sc.settings.verbosity
+    sc.settings.verbosity = "info"
+    logger.propagate = True
+    scanpy_root.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            yield caplog
+    finally:
+        scanpy_root.removeHandler(caplog.handler)
+        logger.propagate = False
+        sc.settings.verbosity = verbosity

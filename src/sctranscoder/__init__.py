@@ -8,15 +8,27 @@
 >>> sct.tl.feature_activations(adata)
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from . import datasets, get, pl, pp, tl
 from ._io import load_transcoders, save_transcoders
+from ._logging import bridge_core_logs
 from .core.model import DEFAULT_C2S_MODEL, C2SModel, load_model
+from .core.training import TrainingConfig
+from .core.transcoder_set import TranscoderSet
 
-__version__ = "0.1.0.dev0"
+try:
+    __version__ = version("sctranscoder")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+bridge_core_logs()
 
 __all__ = [
     "DEFAULT_C2S_MODEL",
     "C2SModel",
+    "TrainingConfig",
+    "TranscoderSet",
     "datasets",
     "get",
     "load_model",

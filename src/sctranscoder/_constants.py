@@ -1,30 +1,149 @@
-"""One registry of the keys sctranscoder reads and writes in an AnnData."""
+"""One registry of what sctranscoder writes into an AnnData, and of the names it gives features.
+
+Every key a tool reads or writes is built here, so a reader finds the layout in one place (see
+``docs/storage.md`` for the whole picture). Records live at the top level of ``adata.uns``; the
+``key_added`` of each tool names its record, and the ``obs``/``obsm`` keys it writes derive from
+that name as documented by the tool.
+"""
 
 from __future__ import annotations
 
+import re
+from enum import IntEnum
+
+__all__ = [
+    "Key",
+    "NodeType",
+    "feature_name",
+    "feature_names",
+    "parse_feature_name",
+]
+
 
 class Key:
-    """Default key names. Tools take ``key_added`` to change the prefix."""
+    """Key names in an AnnData. Defaults first, then the functions that derive keys."""
 
-    #: ``adata.uns`` entry holding traced circuits, one dict per circuit key.
-    circuits = "sct_circuits"
-    #: ``adata.uns`` entry with transcoders, parameters, metrics and pointers to obsm/varm keys.
-    uns = "sct"
-    #: ``adata.obs`` column with the cell sentence (space-separated gene symbols); also the
-    #: ``adata.uns`` key recording how the sentences were made.
+    #: ``adata.uns`` record of a transcoder set (:func:`sctranscoder.tl.train_transcoders`).
+    transcoders = "sct"
+    #: ``adata.obs`` column with the cell sentences; also the ``adata.uns`` record of their params.
     sentence = "cell_sentence"
-
-    @staticmethod
-    def obsm_activations(key: str, layer: int) -> str:
-        """``adata.obsm`` key of the per-cell feature activations of one layer."""
-        return f"X_{key}_L{layer}"
-
-    @staticmethod
-    def varm_gene_activations(key: str, layer: int) -> str:
-        """``adata.varm`` key of the per-gene mean feature activations of one layer."""
-        return f"{key}_genes_L{layer}"
+    #: ``adata.uns`` record of :func:`sctranscoder.tl.rank_features_groups`.
+    rank_features_groups = "rank_features_groups"
+    #: ``adata.uns`` container of circuits written by sctranscoder 0.1 (read for compatibility).
+    legacy_circuits = "sct_circuits"
 
     @staticmethod
     def layer(layer: int) -> str:
-        """Key of one layer inside ``adata.uns[key]["transcoders"]`` (h5ad keys are strings)."""
-        return f"layer_{layer}"
+        """Key of one layer inside a record (h5ad keys are strings): ``"layer_<i>"``."""
+        return f"layer_{int(layer)}"
+
+    @staticmethod
+    def parse_layer(name: str) -> int:
+        """The layer of a ``"layer_<i>"`` key."""
+        match = re.fullmatch(r"layer_(\d+)", str(name))
+        if match is None:
+            raise ValueError(f"{name!r} is not a layer key like 'layer_2'.")
+        return int(match.group(1))
+
+    @staticmethod
+    def split(key: str) -> str:
+        """``adata.obs`` column with the train/validation split of a transcoder set."""
+        return f"{key}_split"
+
+    @staticmethod
+    def sentence_n_genes(key: str) -> str:
+        """``adata.obs`` column with the number of genes in each sentence."""
+        return f"{key}_n_genes"
+
+    @staticmethod
+    def activations(key: str) -> str:
+        """Default ``adata.uns`` record of the activations of transcoder set ``key``."""
+        return f"{key}_activations"
+
+    @staticmethod
+    def obsm_activations(prefix: str, layer: int) -> str:
+        """``adata.obsm`` key of the per-cell feature activations of one layer."""
+        return f"X_{prefix}_L{int(layer)}"
+
+    @staticmethod
+    def derived(parent: str, kind: str) -> str:
+        """Default name of a record derived from record ``parent``: ``"<stem>_<kind>"``.
+
+        The stem drops a trailing ``"_activations"`` or ``"_annotation"``, so that
+        ``"sct_activations"`` gives ``"sct_annotation"`` and ``"sct_annotation"`` gives
+        ``"sct_random_model"``.
+        """
+        for suffix in ("_activations", "_annotation"):
+            if parent.endswith(suffix) and len(parent) > len(suffix):
+                parent = parent[: -len(suffix)]
+                break
+        return f"{parent}_{kind}"
+
+    @staticmethod
+    def circuit(cell: str) -> str:
+        """Default ``adata.uns`` record of the circuit of ``cell``."""
+        return f"circuit_{cell}".replace("/", "_")
+
+    @staticmethod
+    def circuit_enrichment(circuit: str) -> str:
+        """Default ``adata.uns`` record of a circuit's enrichment."""
+        return f"{circuit}_enrichment"
+
+    @staticmethod
+    def gene_attribution(feature: str) -> str:
+        """Default ``adata.uns`` record of a feature's counterfactual gene attribution."""
+        return f"gene_attribution_{feature}"
+
+    @staticmethod
+    def feature_modality(layer: int) -> str:
+        """Name of a layer's modality in :func:`sctranscoder.get.mudata`."""
+        return f"L{int(layer)}"
+
+    @staticmethod
+    def circuit_scores(prefix: str) -> tuple[str, str]:
+        """``adata.obs`` columns of a circuit's feature score and gene score."""
+        return f"{prefix}_score", f"{prefix}_gene_score"
+
+
+#: Name of feature ``j`` of layer ``i``: ``"L<i>F<j>"``.
+_FEATURE = re.compile(r"L(\d+)F(\d+)")
+
+
+def feature_name(layer: int, feature: int) -> str:
+    """The name of a feature: ``"L<layer>F<index>"``."""
+    return f"L{int(layer)}F{int(feature)}"
+
+
+def feature_names(layer: int, n_features: int) -> list[str]:
+    """Names of every feature of a layer, in index order."""
+    return [f"L{int(layer)}F{j}" for j in range(int(n_features))]
+
+
+def parse_feature_name(name: str) -> tuple[int, int]:
+    """``(layer, index)`` of a feature name ``"L<layer>F<index>"``; ``ValueError`` otherwise.
+
+    Exact: no surrounding spaces, upper-case ``L`` and ``F``, decimal digits.
+    """
+    match = _FEATURE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"{name!r} is not a feature name like 'L2F17' (layer 2, feature 17).")
+    return int(match.group(1)), int(match.group(2))
+
+
+def is_feature_name(name: object) -> bool:
+    """Whether ``name`` is a feature name ``"L<layer>F<index>"``."""
+    return isinstance(name, str) and _FEATURE.fullmatch(name) is not None
+
+
+class NodeType(IntEnum):
+    """Kinds of node in an attribution graph."""
+
+    EMBEDDING = 0
+    ERROR = 1
+    FEATURE = 2
+    TARGET = 3
+
+    @property
+    def label(self) -> str:
+        """The name stored in node tables (``"embedding"``, ``"error"``, ...)."""
+        return self.name.lower()

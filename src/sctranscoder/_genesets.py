@@ -28,10 +28,15 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from ._logging import quiet_scanpy
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = ["GeneSetsUnavailableError", "gene_sets"]
+
+#: Gene sets as name -> genes.
+GeneSetsLike = Mapping[str, Iterable[str]]
 
 #: Prefix of data-derived marker sets: ``"markers:<obs column>"``.
 MARKERS_PREFIX = "markers:"
@@ -50,6 +55,17 @@ PYENRICHR_LIBRARIES = (
     "WikiPathway_2023_Human",
     "dbGaP",
 )
+
+
+class GeneSets(dict):
+    """Gene sets ``{name: [SYMBOL, ...]}`` that remember where they came from (``source``: a
+    name or path as given, or the type of the object), so that a tool given already loaded sets
+    records their origin, not ``"dict"``.
+    """
+
+    def __init__(self, sets: Mapping[str, list[str]], source: str):
+        super().__init__(sets)
+        self.source = source
 
 
 class GeneSetsUnavailableError(ConnectionError, ValueError):
@@ -133,7 +149,8 @@ def gene_sets(
         cache_dir=cache_dir,
         allow_network=allow_network,
     )
-    return _filter_sizes(raw, min_size=min_size, max_size=max_size, what=what)
+    kept = _filter_sizes(raw, min_size=min_size, max_size=max_size, what=what)
+    return GeneSets(kept, source_name(source))
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -148,6 +165,8 @@ def _load(
     allow_network: bool,
 ) -> tuple[dict[str, list[str]], str]:
     """Unfiltered, cleaned sets from ``source`` and a short description of it for messages."""
+    if isinstance(source, GeneSets):
+        return _from_mapping(source), f"the sets from {source.source}"
     if isinstance(source, Mapping):
         return _from_mapping(source), "the dict"
     if isinstance(source, pd.DataFrame):
@@ -290,15 +309,16 @@ def _markers(adata: AnnData | None, column: str, *, n_markers: int) -> dict[str,
         var=pd.DataFrame(index=var_names.astype(str)),
     )
     tmp.obs["group"] = tmp.obs["group"].astype("category")
-    sc.tl.rank_genes_groups(
-        tmp,
-        "group",
-        groups=groups if len(groups) < len(counts) else "all",
-        reference="rest",
-        method="wilcoxon",
-        n_genes=tmp.n_vars,
-        use_raw=False,
-    )
+    with quiet_scanpy():  # its messages would name our scratch AnnData
+        sc.tl.rank_genes_groups(
+            tmp,
+            "group",
+            groups=groups if len(groups) < len(counts) else "all",
+            reference="rest",
+            method="wilcoxon",
+            n_genes=tmp.n_vars,
+            use_raw=False,
+        )
     table = sc.get.rank_genes_groups_df(tmp, group=None)
     if "group" not in table:  # a single tested group comes back without the column
         table["group"] = groups[0]
@@ -434,9 +454,49 @@ def source_name(source: object) -> str:
     """How a gene-set source is recorded in ``uns``: a name or path as given, else its type.
 
     Only names and paths (``"markers:<col>"``, a library name, a GMT path) can be loaded again
-    from the record; a dict or a net is recorded by its type name.
+    from the record; a dict or a net is recorded by its type name; loaded :class:`GeneSets` by
+    their own source.
     """
+    if isinstance(source, GeneSets):
+        return source.source
     return os.fspath(source) if isinstance(source, str | os.PathLike) else type(source).__name__
+
+
+def background_index(background: Iterable[str]) -> pd.Index:
+    """The background genes, cleaned (upper-case, deduplicated), as an index; never empty."""
+    bg = pd.Index(clean_genes(background))
+    if bg.empty:
+        raise ValueError("the background is empty: pass the genes the model could have seen")
+    return bg
+
+
+def restrict_sets(
+    gene_sets: GeneSetsLike, background: pd.Index, min_size: int = 1, max_size: int | None = None
+) -> dict[str, list[str]]:
+    """Each set cut to the ``background`` genes (in set order), kept with ``min_size`` to
+    ``max_size`` genes there; a ``ValueError`` when none is left.
+    """
+    if not isinstance(gene_sets, Mapping):
+        raise TypeError(
+            f"gene_sets must be a dict name -> genes, got {type(gene_sets).__name__}: build one "
+            "from a GMT path, a decoupler net, 'markers:<obs column>' or a library name with "
+            "sctranscoder's gene_sets()"
+        )
+    in_bg = set(background)
+    min_size = max(int(min_size), 1)
+    out = {}
+    for name, genes in gene_sets.items():
+        kept = [g for g in clean_genes(genes) if g in in_bg]
+        if min_size <= len(kept) and (max_size is None or len(kept) <= max_size):
+            out[str(name)] = kept
+    if not out:
+        limits = f"min_size={min_size}" + (f" and max_size={max_size}" if max_size else "")
+        raise ValueError(
+            f"No gene set keeps {limits} genes among the {len(background)} background genes: "
+            "check that sets and background use the same identifiers (gene symbols) and "
+            "organism, or change the size limits."
+        )
+    return out
 
 
 def gene_sets_in_background(
@@ -453,13 +513,5 @@ def gene_sets_in_background(
     Raises a ``ValueError`` when no set keeps ``min_size`` to ``max_size`` background genes
     (usually different symbols or organism).
     """
-    bg = set(background)
     sets = gene_sets(source, adata=adata, min_size=1, max_size=10**9, allow_network=allow_network)
-    sets = {k: [g for g in v if g in bg] for k, v in sets.items()}
-    sets = {k: v for k, v in sets.items() if min_size <= len(v) <= max_size}
-    if not sets:
-        raise ValueError(
-            f"No gene set has between {min_size} and {max_size} genes among the {len(bg)} "
-            "background genes: check the organism and symbols, or the size limits."
-        )
-    return sets
+    return restrict_sets(sets, background_index(background), min_size, max_size)

@@ -1,100 +1,131 @@
-"""Share transcoders between AnnData objects: a directory of safetensors plus a JSON config."""
+"""Transcoders in files: a directory of safetensors with a manifest, linked to or copied into an
+AnnData.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+from scanpy import logging as logg
 
 from ._constants import Key
-from ._store import check_fingerprint, sct_uns, stored_transcoders, transcoders_to_uns
-from .core import transcoder as _tc
+from ._records import (
+    EMBED_LIMIT_BYTES,
+    check_fingerprint,
+    check_key,
+    transcoder_record,
+    transcoder_set,
+    write_transcoders,
+)
+from .core.transcoder_set import TranscoderSet
 
 if TYPE_CHECKING:
+    import os
+
     from anndata import AnnData
 
     from .core.model import C2SModel
 
 
-def _plain(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+def save_transcoders(
+    adata: AnnData,
+    path: str | os.PathLike,
+    *,
+    key: str = Key.transcoders,
+    link: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write the transcoders of ``adata.uns[key]`` to a directory.
 
+    The directory holds ``layer_<i>.safetensors``, a ``config.json`` with the base model's
+    identity (name, fingerprint), the training config and run, and the quality metrics, and a
+    ``manifest.json`` with every file's size and sha256 (see
+    :class:`~sctranscoder.core.transcoder_set.TranscoderSet`). It is written to a temporary
+    sibling and renamed into place, so an interrupted save leaves nothing half-written.
 
-def save_transcoders(adata: AnnData, path: str | Path, *, key: str = Key.uns) -> Path:
-    """Write the transcoders in ``adata.uns[key]`` to a directory.
+    Parameters
+    ----------
+    adata
+        Annotated data with transcoders.
+    path
+        The directory (must not exist unless ``overwrite``).
+    key
+        ``adata.uns`` key of the transcoders.
+    link
+        Then keep only a link to the directory in ``adata.uns[key]`` (path and checksum), and
+        drop the weights from it: the ``.h5ad`` stays small, and the directory must travel with
+        it.
+    overwrite
+        Replace an existing transcoder directory at ``path``.
 
-    The directory holds ``layer_<i>.safetensors`` and a ``config.json`` with the base model's
-    identity (name, fingerprint), the training parameters and the quality metrics.
+    Returns
+    -------
+    The directory.
     """
-    record = sct_uns(adata, key)
-    transcoders = stored_transcoders(adata, key)
-    metrics = record.get("metrics", {})
-    layers_df = pd.DataFrame(metrics.get("layers", pd.DataFrame()))
-    metadata = {
-        "model": _plain(dict(record["model"])),
-        "params": _plain(dict(record.get("params", {}))),
-        "metrics": {
-            "layers": _plain(layers_df.reset_index(names="name").to_dict(orient="list")),
-            "model": _plain(dict(metrics.get("model", {}))),
-        },
-    }
-    return _tc.save_transcoders(transcoders, path, metadata=metadata)
+    rec = transcoder_record(adata, key)
+    tset = transcoder_set(adata, key)
+    path = Path(path)
+    if "weights" in rec and Path(str(rec["weights"]["path"])).resolve() == path.resolve():
+        raise ValueError(f"adata.uns[{key!r}] is already linked to {path}.")
+    tset.save(path, overwrite=overwrite)
+    if link:
+        write_transcoders(adata, key, tset, params=dict(rec["params"]), weights_dir=path)
+    logg.info(
+        f"saved {len(tset)} transcoders to {path}",
+        deep=f"adata.uns[{key!r}] now links to it" if link else None,
+    )
+    return path
 
 
 def load_transcoders(
-    path: str | Path,
-    adata: AnnData | None = None,
+    path: str | os.PathLike,
+    adata: AnnData,
     *,
     model: C2SModel | None = None,
-    key_added: str = Key.uns,
-):
-    """Read transcoders written by :func:`save_transcoders`.
+    link: bool | None = None,
+    key_added: str = Key.transcoders,
+) -> None:
+    """Attach the transcoders of a directory (:func:`save_transcoders`) to ``adata``.
+
+    To get them without an AnnData, use :meth:`TranscoderSet.load
+    <sctranscoder.core.transcoder_set.TranscoderSet.load>`.
 
     Parameters
     ----------
     path
-        The directory.
+        The directory. Its manifest is checked (every file present, with its size and sha256).
     adata
-        If given, the transcoders, model identity, parameters and metrics are written to
-        ``adata.uns[key_added]``, ready for :func:`sctranscoder.tl.feature_activations`.
+        Where to write the record.
     model
         If given, its fingerprint must match the one recorded with the transcoders.
+    link
+        ``True``: keep only a link (path and checksum) in ``adata.uns``; ``False``: copy the
+        weights into ``adata.uns`` (one self-contained ``.h5ad``). Default: link when the
+        weights exceed 1 GiB.
     key_added
         ``adata.uns`` key to write.
 
     Returns
     -------
-    Without ``adata``: ``(transcoders by layer, metadata)``. With ``adata``: ``None``; sets
-    ``adata.uns[key_added]`` with ``transcoders``, ``model``, ``params`` and ``metrics``.
+    ``None``. Sets ``adata.uns[key_added]`` with ``params``, ``model``, ``metrics`` and either
+    ``transcoders`` (the weights) or ``weights`` (the link): see
+    :func:`sctranscoder.tl.train_transcoders`.
     """
-    transcoders, metadata = _tc.load_transcoders(path)
-    if "model" not in metadata:
+    check_key(key_added)
+    tset = TranscoderSet.load(path)
+    if "fingerprint" not in tset.model:
         raise ValueError(f"{path} records no base model; it was not written by sctranscoder.")
     if model is not None:
-        check_fingerprint(metadata["model"], model)
-    if adata is None:
-        return transcoders, metadata
-    params = {
-        k: (np.asarray(v) if isinstance(v, list) else v)
-        for k, v in metadata.get("params", {}).items()
-    }
-    m = metadata.get("metrics", {})
-    layers_df = pd.DataFrame(m.get("layers", {}))
-    if "name" in layers_df:
-        layers_df = layers_df.set_index("name")
-        layers_df.index.name = None
-    adata.uns[key_added] = {
-        "params": params,
-        "model": dict(metadata["model"]),
-        "transcoders": transcoders_to_uns(transcoders),
-        "metrics": {"layers": layers_df, "model": dict(m.get("model", {}))},
-    }
-    return None
+        check_fingerprint(tset.model, model)
+    if link is None:
+        link = tset.n_bytes > EMBED_LIMIT_BYTES
+    params = dict(tset.run)
+    if tset.config is not None:
+        params["config"] = tset.config.to_dict()
+    write_transcoders(adata, key_added, tset, params=params, weights_dir=path if link else None)
+    logg.info(
+        f"loaded {len(tset)} transcoders from {path}",
+        deep=f"added\n    {key_added!r}, {'a link to' if link else 'the weights of'} the "
+        "transcoders (adata.uns)",
+    )

@@ -1,21 +1,32 @@
-"""Feature activations of a batch of prompts, aggregated per cell and per gene. Torch only.
+"""Feature activations of cells, aggregated per cell and per gene, from one pass of the model.
 
 For every token the transcoder of a layer gives its active features; a cell's activation of a
 feature is then the maximum (or mean) over the tokens of its genes, or the value at the final
 prompt token (where the model makes its prediction). A gene's activation in a cell is the maximum
-over the gene's subword tokens.
+over the gene's subword tokens. :func:`collect_activations` runs every cell once and gathers,
+per layer, the cells x features matrix, each feature's firing rate and the genes x features
+tables (in how many cells a feature fires on a gene, and the sum of those activations). Torch,
+numpy and scipy only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
+from scipy import sparse
+from tqdm.auto import tqdm
 
 from .hooks import capture_mlp_io, run_to_layers
-from .tokens import TokenizedPrompts
-from .transcoder import Transcoder
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from .model import C2SModel
+    from .tokens import TokenizedPrompts
+    from .transcoder import Transcoder
 
 Aggregate = Literal["max", "mean", "last"]
 AGGREGATES = ("max", "mean", "last")
@@ -50,7 +61,7 @@ class BatchActivations:
 @torch.no_grad()
 def batch_activations(
     model: torch.nn.Module,
-    transcoders: dict[int, Transcoder],
+    transcoders: Mapping[int, Transcoder],
     batch: TokenizedPrompts,
     *,
     aggregate: Aggregate = "max",
@@ -112,3 +123,159 @@ def batch_activations(
                 cells, empty, empty, torch.zeros(0, F_, device=device), fired, n_real
             )
     return out
+
+
+@dataclass
+class ActivationTables:
+    """What :func:`collect_activations` gathers, per layer.
+
+    Attributes
+    ----------
+    cells
+        ``(n_cells, n_features)`` CSR float32: each cell's aggregated activation.
+    firing_rate
+        ``(n_features,)``: fraction of prompt tokens on which each feature fires.
+    n_tokens
+        Prompt tokens seen (padding excluded).
+    genes
+        Every gene of the sentences, in first-seen order (the rows of the gene tables); empty
+        without gene tables.
+    gene_cells
+        Cells whose sentence contains each gene.
+    gene_counts, gene_sums
+        ``(n_genes, n_features)`` CSR: in how many cells the feature fires on the gene (int32),
+        and the sum of those activations (float32); divide by ``gene_cells`` for the mean over
+        the cells that contain the gene.
+    """
+
+    cells: dict[int, sparse.csr_matrix]
+    firing_rate: dict[int, np.ndarray]
+    n_tokens: int
+    genes: list[str] = field(default_factory=list)
+    gene_cells: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    gene_counts: dict[int, sparse.csr_matrix] = field(default_factory=dict)
+    gene_sums: dict[int, sparse.csr_matrix] = field(default_factory=dict)
+
+
+class _SparseSum:
+    """A running sum of sparse matrices, merged in groups (linear in their total size)."""
+
+    def __init__(self, shape: tuple[int, int], dtype):
+        self.shape, self.dtype = shape, dtype
+        self.parts: list[sparse.csr_matrix] = []
+
+    def add(self, m: sparse.csr_matrix) -> None:
+        self.parts.append(m)
+        if len(self.parts) >= 32:
+            self.parts = [self.total()]
+
+    def total(self) -> sparse.csr_matrix:
+        out = sparse.csr_matrix(self.shape, dtype=self.dtype)
+        for part in self.parts:
+            out = out + part
+        out = sparse.csr_matrix(out, dtype=self.dtype)
+        out.eliminate_zeros()
+        return out
+
+
+@torch.no_grad()
+def collect_activations(
+    model: C2SModel,
+    transcoders: Mapping[int, Transcoder],
+    sentences: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 32,
+    aggregate: Aggregate = "max",
+    genes: bool = True,
+    progress: bool = True,
+) -> ActivationTables:
+    """Run every sentence through ``model`` once and gather every transcoder's activations.
+
+    Parameters
+    ----------
+    model
+        The base model (with its tokenizer and prompt settings).
+    transcoders
+        Transcoders by layer, on the model's device.
+    sentences
+        One ranked gene list per cell.
+    batch_size
+        Cells per forward pass.
+    aggregate
+        ``"max"`` or ``"mean"`` over the tokens of a cell's genes, or ``"last"``: the final
+        prompt token.
+    genes
+        Also gather the genes x features tables.
+    progress
+        Show a progress bar.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive.")
+    layers = sorted(transcoders)
+    names = list(dict.fromkeys(g for s in sentences for g in s)) if genes else []
+    index = {g: i for i, g in enumerate(names)}
+    n_features = {la: transcoders[la].config.n_features for la in layers}
+    rows = {la: [] for la in layers}
+    fired = {la: np.zeros(n_features[la]) for la in layers}
+    counts = {la: _SparseSum((len(names), n_features[la]), np.float32) for la in layers}
+    sums = {la: _SparseSum((len(names), n_features[la]), np.float32) for la in layers}
+    gene_cells = np.zeros(len(names), dtype=np.int64)
+    n_tokens = 0
+    bar = tqdm(total=len(sentences), desc="activations", disable=not progress, unit="cell")
+    try:
+        for b0 in range(0, len(sentences), batch_size):
+            gl = sentences[b0 : b0 + batch_size]
+            batch = model.tokenize(gl)
+            acts = batch_activations(
+                model.model, transcoders, batch, aggregate=aggregate, genes=genes
+            )
+            n_tokens += int(batch.attention_mask.sum())
+            onto = None
+            for la in layers:
+                a = acts[la]
+                rows[la].append(sparse.csr_matrix(a.cells.cpu().numpy().astype(np.float32)))
+                fired[la] += a.fired.cpu().numpy()
+                if not genes or not a.gene_values.shape[0]:
+                    continue
+                if onto is None:  # gene x (cell, gene) pair: sums a gene's pairs in the batch
+                    pairs = zip(a.gene_cell.tolist(), a.gene_pos.tolist(), strict=True)
+                    gene_rows = np.fromiter((index[gl[c][p]] for c, p in pairs), dtype=np.int64)
+                    np.add.at(gene_cells, gene_rows, 1)
+                    onto = sparse.csr_matrix(
+                        (
+                            np.ones(len(gene_rows), np.float32),
+                            (gene_rows, np.arange(len(gene_rows))),
+                        ),
+                        shape=(len(names), len(gene_rows)),
+                    )
+                vals = sparse.csr_matrix(
+                    a.gene_values.clamp_min(0).cpu().numpy().astype(np.float32)
+                )
+                hit = vals.copy()
+                hit.data = (hit.data > 0).astype(np.float32)
+                counts[la].add((onto @ hit).tocsr())
+                sums[la].add((onto @ vals).tocsr())
+            bar.update(len(gl))
+    finally:
+        bar.close()
+    out = ActivationTables(
+        cells={la: _stack(rows[la], n_features[la]) for la in layers},
+        firing_rate={la: fired[la] / max(n_tokens, 1) for la in layers},
+        n_tokens=n_tokens,
+    )
+    if genes:
+        out.genes, out.gene_cells = names, gene_cells
+        for la in layers:
+            c = counts[la].total()
+            c.data = np.rint(c.data)
+            out.gene_counts[la] = c.astype(np.int32)
+            out.gene_sums[la] = sums[la].total()
+    return out
+
+
+def _stack(blocks: list[sparse.csr_matrix], n_features: int) -> sparse.csr_matrix:
+    if not blocks:
+        return sparse.csr_matrix((0, n_features), dtype=np.float32)
+    X = sparse.vstack(blocks, format="csr").astype(np.float32)
+    X.eliminate_zeros()
+    return X

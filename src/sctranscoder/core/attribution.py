@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .replacement import ReplacementModel
+from .._constants import NodeType
+
+if TYPE_CHECKING:
+    from .replacement import ReplacementModel
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING, ERROR, FEATURE, TARGET = 0, 1, 2, 3
-NODE_TYPES = {EMBEDDING: "embedding", ERROR: "error", FEATURE: "feature", TARGET: "target"}
+EMBEDDING, ERROR, FEATURE, TARGET = NodeType
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Graph:
 
     @property
     def n_nodes(self) -> int:
+        """Number of nodes."""
         return int(self.node_type.size)
 
 
@@ -87,13 +91,13 @@ def _node_tables(rm: ReplacementModel, target: Target):
     T = f.embeddings.shape[0]
     n_layers = len(rm.layers)
     types, layers, positions, features, acts = [], [], [], [], []
-    types.append(np.full(T, EMBEDDING))
+    types.append(np.full(T, int(EMBEDDING)))
     layers.append(np.full(T, -1))
     positions.append(np.arange(T))
     features.append(np.full(T, -1))
     acts.append(f.embeddings.norm(dim=-1).cpu().numpy())
     for i in range(n_layers):
-        types.append(np.full(T, ERROR))
+        types.append(np.full(T, int(ERROR)))
         layers.append(np.full(T, i))
         positions.append(np.arange(T))
         features.append(np.full(T, -1))
@@ -105,12 +109,12 @@ def _node_tables(rm: ReplacementModel, target: Target):
         pos, slot = torch.nonzero(vals > 0, as_tuple=True)
         feature_slots[i] = (pos, slot, offset)
         offset += pos.numel()
-        types.append(np.full(pos.numel(), FEATURE))
+        types.append(np.full(pos.numel(), int(FEATURE)))
         layers.append(np.full(pos.numel(), i))
         positions.append(pos.cpu().numpy())
         features.append(f.indices[i][pos, slot].cpu().numpy())
         acts.append(vals[pos, slot].cpu().numpy())
-    types.append(np.array([TARGET]))
+    types.append(np.array([int(TARGET)]))
     tl = n_layers if target.kind == "logit" else int(target.layer)
     layers.append(np.array([tl]))
     positions.append(np.array([T - 1 if target.position is None else target.position]))
@@ -184,6 +188,7 @@ class Attributor:
         return int(self.layer[node])
 
     def target_value(self) -> float:
+        """The target's value on the prompt."""
         with torch.no_grad():
             return float(self._node_scalar(self.target_node, self._ln2, self._logits, 0))
 

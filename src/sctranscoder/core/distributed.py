@@ -12,17 +12,24 @@ Launch with ``torchrun --nproc-per-node <n> your_script.py`` (one process per GP
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    import numpy as np
 
 __all__ = [
     "all_reduce_",
     "average_gradients",
     "broadcast_module",
+    "broadcast_object",
+    "default_device",
     "is_distributed",
     "rank",
     "shard",
@@ -36,7 +43,7 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    """This process's rank (0 without a process group)."""
+    """The rank of this process (0 without a process group)."""
     return dist.get_rank() if is_distributed() else 0
 
 
@@ -46,7 +53,7 @@ def world_size() -> int:
 
 
 def shard(items: Sequence | np.ndarray) -> Sequence | np.ndarray:
-    """This rank's share of ``items``: every ``world_size``-th item, from position ``rank``.
+    """The share of ``items`` of this rank: every ``world_size``-th item, from position ``rank``.
 
     Shards are disjoint, cover ``items`` and differ in length by at most one.
     """
@@ -105,3 +112,25 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
     if any(g.is_sparse for g in grads):
         raise ValueError("average_gradients takes dense gradients only.")
     all_reduce_(grads, "sum", mean=True)
+
+
+def broadcast_object(obj: Any, device: torch.device | None = None) -> Any:
+    """``obj`` as rank 0 has it (a small picklable object); ``obj`` itself without ranks.
+
+    NCCL moves the pickled object through the rank's GPU (pass its ``device``); gloo through the
+    CPU.
+    """
+    if not is_distributed():
+        return obj
+    box = [obj]
+    cuda = device is not None and torch.device(device).type == "cuda"
+    dist.broadcast_object_list(box, src=0, device=torch.device(device) if cuda else None)
+    return box[0]
+
+
+def default_device() -> str | None:
+    """``cuda:<LOCAL_RANK>`` in data-parallel runs with CUDA, else None (keep the model's)."""
+    if not is_distributed() or not torch.cuda.is_available():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", rank()))
+    return f"cuda:{local_rank % torch.cuda.device_count()}"

@@ -8,7 +8,7 @@ cross-entropy recovered, ``(CE_removed - CE_replaced) / (CE_removed - CE_origina
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,14 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hooks import replace_mlp_outputs
+from .model import C2SModel, greedy_answers
 from .training import TokenBatch, harvest
-from .transcoder import Transcoder
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    from .transcoder import Transcoder
 
 
 @torch.no_grad()
 def layer_metrics(
     model: nn.Module,
-    transcoders: dict[int, Transcoder],
+    transcoders: Mapping[int, Transcoder],
     batches: Iterable[TokenBatch],
     *,
     device: torch.device,
@@ -75,7 +80,7 @@ def layer_metrics(
     return out
 
 
-def replacement_hooks(transcoders: dict[int, Transcoder]):
+def replacement_hooks(transcoders: Mapping[int, Transcoder]):
     """Hooks for :func:`~sctranscoder.core.hooks.replace_mlp_outputs`: MLP -> transcoder."""
     return {layer: (lambda x, _out, tc=tc: tc(x.float())) for layer, tc in transcoders.items()}
 
@@ -87,7 +92,7 @@ def _ablation_hooks(layers: Sequence[int]):
 @torch.no_grad()
 def replacement_metrics(
     model: nn.Module,
-    transcoders: dict[int, Transcoder],
+    transcoders: Mapping[int, Transcoder],
     batches: Iterable[TokenBatch],
     *,
     device: torch.device,
@@ -138,3 +143,25 @@ def replacement_metrics(
     )
     out["n_tokens"] = float(n_tok)
     return out
+
+
+@torch.no_grad()
+def prediction_agreement(
+    model: C2SModel,
+    transcoders: Mapping[int, Transcoder],
+    sentences: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 24,
+) -> float:
+    """Fraction of sentences whose greedy answer is the same with every MLP replaced."""
+    hooks = replacement_hooks(transcoders)
+    same, total = 0, 0
+    for start in range(0, len(sentences), batch_size):
+        batch = model.tokenize(sentences[start : start + batch_size])
+        original = greedy_answers(model, batch, max_new_tokens=max_new_tokens)
+        with replace_mlp_outputs(model.model, hooks):
+            replaced = greedy_answers(model, batch, max_new_tokens=max_new_tokens)
+        same += sum(a == b for a, b in zip(original, replaced, strict=True))
+        total += len(original)
+    return same / max(total, 1)

@@ -6,13 +6,16 @@ hooked layer, so the layers above it (and the unembedding) cost nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .model import mlp_modules
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
 
 
 class _StopForward(Exception):

@@ -8,11 +8,13 @@ supported for hooking MLPs. No AnnData here.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
-from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from torch import nn
 
 from .sentences import PromptSettings
 from .tokens import TokenizedPrompts, tokenize_prompts
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +64,22 @@ class C2SModel:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are."""
         return next(self.model.parameters()).device
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer blocks (MLP layers)."""
         return len(mlp_modules(self.model))
 
     @property
     def d_model(self) -> int:
+        """Width of the residual stream."""
         return int(self.model.config.hidden_size)
 
     @property
     def max_length(self) -> int | None:
+        """Longest prompt the model reads, in tokens (None when unknown)."""
         return getattr(self.model.config, "max_position_embeddings", None)
 
     @property
@@ -79,6 +88,23 @@ class C2SModel:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
+
+    def record(self) -> dict:
+        """The model's identity as stored with transcoders: name, fingerprint, architecture,
+        widths and prompt settings (strings, numbers and booleans only).
+        """
+        cfg = getattr(self.model, "config", None)
+        return {
+            "name": str(self.name),
+            "fingerprint": self.fingerprint,
+            "architecture": str(getattr(cfg, "model_type", type(self.model).__name__)),
+            "n_layers": int(self.n_layers),
+            "d_model": int(self.d_model),
+            "parallel_residual": bool(getattr(cfg, "use_parallel_residual", False)),
+            "n_genes": int(self.settings.n_genes),
+            "template": str(self.settings.template),
+            "organism": str(self.settings.organism),
+        }
 
     def tokenize(self, gene_lists: Sequence[Sequence[str]]) -> TokenizedPrompts:
         """Prompts for ``gene_lists``, tokenised, with the gene of each token."""
@@ -129,6 +155,7 @@ def greedy_answers(m: C2SModel, batch: TokenizedPrompts, *, max_new_tokens: int)
         mask[i, longest - L :] = 1
     ids, mask = ids.to(device), mask.to(device)
     stop = _stop_ids(m.tokenizer)
+    cache_arg = _cache_argument(m.model)
     generated = torch.empty((n, 0), dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     past = None
@@ -140,10 +167,10 @@ def greedy_answers(m: C2SModel, batch: TokenizedPrompts, *, max_new_tokens: int)
             input_ids=cur_ids,
             attention_mask=cur_mask,
             position_ids=position_ids,
-            past_key_values=past,
             use_cache=True,
+            **{cache_arg: past},
         )
-        past = out.past_key_values
+        past = out.get("cache") if "cache" in out else out.get("past_key_values")
         nxt = out.logits[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         generated = torch.cat([generated, nxt[:, None]], dim=1)
@@ -161,6 +188,31 @@ def greedy_answers(m: C2SModel, batch: TokenizedPrompts, *, max_new_tokens: int)
             toks.append(t)
         answers.append(m.tokenizer.decode(toks).strip())
     return answers
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The keyword of the key/value cache: ``cache`` from transformers 5, else
+    ``past_key_values`` (deprecated there, with a FutureWarning on every call).
+    """
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and info messages inside our calls (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def mlp_modules(model: nn.Module) -> list[nn.Module]:
@@ -320,13 +372,14 @@ def load_model(
                 "`save_pretrained`, a Hugging Face hub id, or use sct.datasets.tiny_c2s()."
             )
         try:
-            hf = AutoModelForCausalLM.from_pretrained(
-                str(local) if is_local else source, trust_remote_code=False, dtype=dtype
-            )
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(
-                    str(local) if is_local else source, trust_remote_code=False
+            with quiet_transformers():
+                hf = AutoModelForCausalLM.from_pretrained(
+                    str(local) if is_local else source, trust_remote_code=False, dtype=dtype
                 )
+                if tokenizer is None:
+                    tokenizer = AutoTokenizer.from_pretrained(
+                        str(local) if is_local else source, trust_remote_code=False
+                    )
         except OSError as err:
             if is_local:
                 raise

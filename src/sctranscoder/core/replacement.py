@@ -14,12 +14,14 @@ checked against the Hugging Face forward (:meth:`ReplacementModel.check`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transcoder import Transcoder
+if TYPE_CHECKING:
+    from .transcoder import Transcoder
 
 
 def _gpt_neox_parts(model: nn.Module):

@@ -7,11 +7,14 @@ which matrix to read and validates it, then calls :func:`rank_genes` and :func:`
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 #: The Cell2Sentence cell-type prediction prompt (C2S-Pythia-410m-cell-type-prediction).
 C2S_CELL_TYPE_TEMPLATE = (
@@ -46,10 +49,12 @@ class PromptSettings:
                 )
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (as stored with a model)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PromptSettings:
+        """Settings from :meth:`to_dict` (unknown keys are ignored; ``extra`` is kept)."""
         known = {k: d[k] for k in ("n_genes", "template", "organism", "answer_prefix") if k in d}
         return cls(**known, extra=dict(d.get("extra", {})))
 

@@ -7,13 +7,16 @@ tokenizer's character offsets; tokens of the prompt text get gene index ``-1``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .sentences import PromptSettings, format_prompt, gene_spans
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 #: Gene index given to tokens of the prompt text (not part of any gene).
 PROMPT_TEXT = -1

@@ -10,9 +10,7 @@ Torch only.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -20,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = ("topk", "relu")
-_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip")
+#: Weight names of a transcoder, in storage order.
+WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip")
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -219,16 +218,54 @@ class TranscoderConfig:
             raise ValueError("d_in, d_out and n_features must be positive.")
 
     def to_dict(self) -> dict:
+        """The fields, as stored in ``adata.uns`` and ``config.json``."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TranscoderConfig:
+        """The config of :meth:`to_dict`; unknown or missing fields are refused by name."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"Unknown transcoder setting(s) {unknown}; expected {names}.")
+        types = {"d_in": int, "d_out": int, "n_features": int, "activation": str, "k": int}
+        out = {}
+        for name, value in values.items():
+            value = value.item() if hasattr(value, "item") else value
+            if name == "skip":
+                out[name] = bool(value)
+            elif isinstance(value, bool) or not isinstance(value, types[name]):
+                raise ValueError(
+                    f"Transcoder setting {name}={value!r} is not a {types[name].__name__}."
+                )
+            else:
+                out[name] = value
+        try:
+            return cls(**out)
+        except TypeError as err:  # a required field is missing
+            raise ValueError(f"Incomplete transcoder settings {sorted(values)}: {err}.") from err
 
 
 class Transcoder(nn.Module):
     """A sparse replacement for one MLP layer (see the module docstring)."""
 
-    def __init__(self, config: TranscoderConfig, *, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        config: TranscoderConfig,
+        *,
+        generator: torch.Generator | None = None,
+        init: bool = True,
+    ):
         super().__init__()
         self.config = config
         c = config
+        if not init:  # weights to be set by the caller (from_tensors): no random draws
+            self.W_dec = nn.Parameter(torch.empty(c.n_features, c.d_out))
+            self.b_dec = nn.Parameter(torch.empty(c.d_out))
+            self.W_enc = nn.Parameter(torch.empty(c.n_features, c.d_in))
+            self.b_enc = nn.Parameter(torch.empty(c.n_features))
+            self.W_skip = nn.Parameter(torch.empty(c.d_out, c.d_in)) if c.skip else None
+            return
         w = torch.randn(c.n_features, c.d_out, generator=generator)
         w = w / w.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w)
@@ -302,84 +339,48 @@ class Transcoder(nn.Module):
         self.b_enc.mul_(norms)
 
     # -- (de)serialisation --------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, torch.Tensor]:
+        """The weights by name (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` and ``W_skip``)."""
+        return {name: getattr(self, name) for name in WEIGHTS if getattr(self, name) is not None}
+
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Weights as float32 numpy arrays (for ``adata.uns``)."""
         return {
-            name: getattr(self, name).detach().to("cpu", torch.float32).numpy().copy()
-            for name in _WEIGHTS
-            if getattr(self, name) is not None
+            name: t.detach().to("cpu", torch.float32).numpy().copy()
+            for name, t in self.state_arrays().items()
         }
 
     @classmethod
-    def from_numpy(cls, config: TranscoderConfig, weights: dict) -> Transcoder:
-        """Rebuild from :meth:`to_numpy` output, checking every shape."""
-        tc = cls(config)
-        missing = [n for n in _WEIGHTS if getattr(tc, n) is not None and n not in weights]
-        if missing:
-            raise ValueError(f"Transcoder weights are missing {missing}.")
-        with torch.no_grad():
-            for name in _WEIGHTS:
-                p = getattr(tc, name)
-                if p is None:
-                    continue
-                arr = torch.as_tensor(np.asarray(weights[name]), dtype=torch.float32)
-                if tuple(arr.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"{name} has shape {tuple(arr.shape)}, expected {tuple(p.shape)} for {config}."
-                    )
-                p.copy_(arr)
+    def from_tensors(
+        cls, config: TranscoderConfig, weights: dict, *, copy: bool = True
+    ) -> Transcoder:
+        """A frozen transcoder from its weights (arrays or tensors), every shape checked.
+
+        ``copy=False`` shares memory with float32 CPU arrays (no copy of large weights); any other
+        dtype or device is converted. Unknown or missing weight names are refused.
+        """
+        tc = cls(config, init=False)
+        expected = [n for n in WEIGHTS if getattr(tc, n) is not None]
+        missing = [n for n in expected if n not in weights]
+        unknown = sorted(set(weights) - set(expected))
+        if missing or unknown:
+            raise ValueError(
+                f"Transcoder weights do not match {config}: missing {missing}, unexpected {unknown}."
+            )
+        for name in expected:
+            arr = weights[name]
+            t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.asarray(arr))
+            t = t.to(torch.float32)
+            p = getattr(tc, name)
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}, expected {tuple(p.shape)} for {config}."
+                )
+            setattr(tc, name, nn.Parameter(t.clone() if copy else t, requires_grad=False))
+        tc.eval()
         return tc
 
-
-def save_transcoders(
-    transcoders: dict[int, Transcoder], path: str | Path, *, metadata: dict | None = None
-) -> Path:
-    """Write transcoders to a directory: ``layer_<i>.safetensors`` and ``config.json``.
-
-    ``metadata`` (the base model's name and fingerprint, training parameters, metrics) is stored in
-    ``config.json`` so that loading can check the model they belong to.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if not transcoders:
-        raise ValueError("No transcoders to save.")
-    path.mkdir(parents=True, exist_ok=True)
-    configs = {}
-    for layer, tc in sorted(transcoders.items()):
-        tensors = {k: torch.as_tensor(v) for k, v in tc.to_numpy().items()}
-        save_file(tensors, str(path / f"layer_{layer}.safetensors"))
-        configs[str(layer)] = tc.config.to_dict()
-    doc = {"format": "sctranscoder.transcoders/1", "layers": configs, "metadata": metadata or {}}
-    (path / "config.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
-    return path
-
-
-def load_transcoders(path: str | Path) -> tuple[dict[int, Transcoder], dict]:
-    """Read a directory written by :func:`save_transcoders`; returns ``(transcoders, metadata)``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(
-            f"{cfg_file} not found: is {path} a directory of saved transcoders?"
-        )
-    doc = json.loads(cfg_file.read_text())
-    if doc.get("format") != "sctranscoder.transcoders/1":
-        raise ValueError(f"{cfg_file} is not an sctranscoder transcoder config.")
-    out = {}
-    for layer, cfg in doc["layers"].items():
-        weights = {
-            k: v.numpy() for k, v in load_file(str(path / f"layer_{layer}.safetensors")).items()
-        }
-        out[int(layer)] = Transcoder.from_numpy(TranscoderConfig(**cfg), weights)
-    return out, doc.get("metadata", {})
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"Cannot serialise {type(o).__name__} to JSON.")
+    @classmethod
+    def from_numpy(cls, config: TranscoderConfig, weights: dict) -> Transcoder:
+        """Rebuild from :meth:`to_numpy` output (copies), checking every shape."""
+        return cls.from_tensors(config, weights, copy=True)

@@ -1,15 +1,19 @@
-"""Getters: turn stored results into AnnData objects, tables and modules."""
+"""Getters: stored results as AnnData objects, tables, graphs and torch modules."""
 
-from ._activations import activations, feature_names
+from ._activations import activations, gene_activations
 from ._circuit import circuit
 from ._features import feature_table
-from ._tables import metrics, transcoders
+from ._interpretability import interpretability
+from ._mudata import mudata
+from ._transcoders import metrics, transcoders
 
 __all__ = [
     "activations",
     "circuit",
-    "feature_names",
     "feature_table",
+    "gene_activations",
+    "interpretability",
     "metrics",
+    "mudata",
     "transcoders",
 ]

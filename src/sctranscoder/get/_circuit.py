@@ -1,11 +1,12 @@
+"""A traced circuit as a networkx graph."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._constants import Key
-from .._store import circuit_record
+from .._records import circuit_record
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -13,21 +14,20 @@ if TYPE_CHECKING:
 
 
 def _python(value):
-    """numpy scalars as Python ones, so graph attributes serialise (GraphML, JSON) cleanly."""
+    """Numpy scalars as Python ones, so graph attributes serialise (GraphML, JSON) cleanly."""
     return value.item() if isinstance(value, np.generic) else value
 
 
-def circuit(adata: AnnData, key: str, *, circuits_key: str = Key.circuits) -> nx.DiGraph:
+def circuit(adata: AnnData, circuit: str) -> nx.DiGraph:
     """A traced circuit as a :class:`networkx.DiGraph`, for graph analysis.
 
     Parameters
     ----------
     adata
         Annotated data after :func:`sctranscoder.tl.trace_circuit`.
-    key
-        Circuit key (``"circuit_<cell>"`` by default; the cell name alone also works).
-    circuits_key
-        ``adata.uns`` entry holding the circuits.
+    circuit
+        The circuit's key in ``adata.uns`` (``"circuit_<cell>"`` by default; the cell name alone
+        also works).
 
     Returns
     -------
@@ -40,17 +40,15 @@ def circuit(adata: AnnData, key: str, *, circuits_key: str = Key.circuits) -> nx
     """
     import networkx as nx
 
-    record = circuit_record(adata, key, circuits_key)
-    nodes, edges = record["nodes"], record["edges"]
-    g = nx.DiGraph(
-        key=key, params=dict(record.get("params", {})), scores=dict(record.get("scores", {}))
-    )
-    for name, attrs in zip(nodes.index, nodes.to_dict("records"), strict=True):
-        g.add_node(str(name), **{k: _python(v) for k, v in attrs.items()})
+    name, rec = circuit_record(adata, circuit)
+    nodes, edges = rec["nodes"], rec["edges"]
+    g = nx.DiGraph(key=name, params=dict(rec.get("params", {})), scores=dict(rec.get("scores", {})))
+    for node, attrs in zip(nodes.index, nodes.to_dict("records"), strict=True):
+        g.add_node(str(node), **{k: _python(v) for k, v in attrs.items()})
     unknown = sorted(set(edges["source"]).union(edges["target"]) - set(g.nodes))
     if unknown:
         raise ValueError(
-            f"Circuit {key!r} has edges to nodes missing from its node table: {unknown[:5]}."
+            f"Circuit {name!r} has edges to nodes missing from its node table: {unknown[:5]}."
         )
     g.add_weighted_edges_from(
         zip(

@@ -1,14 +1,17 @@
+"""Feature activations overlaid on an embedding, through scanpy's own plot."""
+
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._constants import Key
+from .._constants import Key, feature_name
 from ..get import activations as get_activations
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anndata import AnnData
 
 
@@ -19,10 +22,10 @@ def activations(
     features: Sequence[int] | Sequence[str] | None = None,
     n_top: int = 4,
     basis: str = "umap",
-    key: str = Key.uns,
+    activations_key: str = Key.activations(Key.transcoders),
     **kwargs,
 ):
-    """Overlay feature activations on an embedding (``sc.pl.embedding`` of the features).
+    """Overlay feature activations on an embedding (:func:`scanpy.pl.embedding` of the features).
 
     Parameters
     ----------
@@ -37,18 +40,19 @@ def activations(
         How many features to show when ``features`` is not given.
     basis
         Embedding in ``adata.obsm`` (``"umap"`` reads ``X_umap``).
-    key
-        ``adata.uns`` key of the transcoders.
+    activations_key
+        ``adata.uns`` key of the activation record.
     **kwargs
-        Passed to :func:`scanpy.pl.embedding` (``show``, ``save``, ``ncols``, ``cmap``, ...).
+        Passed to :func:`scanpy.pl.embedding` (``show``, ``save``, ``return_fig``, ``ax``,
+        ``ncols``, ``cmap``, ...), with scanpy's semantics.
 
     Returns
     -------
-    What :func:`scanpy.pl.embedding` returns (axes when ``show=False``).
+    What :func:`scanpy.pl.embedding` returns.
     """
     import scanpy as sc
 
-    fa = get_activations(adata, layer, key=key)
+    fa = get_activations(adata, layer, activations_key=activations_key)
     if f"X_{basis}" not in fa.obsm and basis not in fa.obsm:
         raise KeyError(f"No embedding {basis!r} in adata.obsm; compute it (e.g. sc.tl.umap) first.")
     if features is None:
@@ -57,7 +61,7 @@ def activations(
         var = np.asarray(X.multiply(X).mean(0)).ravel() - mean**2
         names = fa.var_names[np.argsort(-var)[:n_top]].tolist()
     else:
-        names = [f if isinstance(f, str) else fa.var_names[int(f)] for f in features]
+        names = [f if isinstance(f, str) else feature_name(layer, int(f)) for f in features]
         unknown = [n for n in names if n not in fa.var_names]
         if unknown:
             raise KeyError(f"Unknown features {unknown} for layer {layer}.")

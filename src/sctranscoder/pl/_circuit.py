@@ -1,19 +1,21 @@
+"""Draw a traced circuit, and its genes."""
+
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .._constants import Key
-from .._store import circuit_record
+from .._constants import feature_name
+from .._records import circuit_record
 from ._utils import finish
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 #: Node type -> (marker, face colour, legend label); drawn bottom-up in this order.
 _NODE_STYLE = {
@@ -32,18 +34,18 @@ _SUBROW_DY = 0.22
 
 def circuit(
     adata: AnnData,
-    key: str,
+    circuit: str,
     *,
     max_nodes: int = 80,
     min_edge_weight_fraction: float = 0.0,
-    ax: Axes | None = None,
-    figsize: tuple[float, float] | None = None,
-    show: bool | None = None,
-    save: str | os.PathLike | None = None,
     title: str | None = None,
     label_features: bool | int = True,
-    circuits_key: str = Key.circuits,
-) -> Axes | None:
+    figsize: tuple[float, float] | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Draw a traced circuit: layers bottom to top, the prompt's genes left to right.
 
     Rows are the token embeddings (bottom), the layers and the target (top). Columns are the token
@@ -58,36 +60,38 @@ def circuit(
     ----------
     adata
         Annotated data after :func:`sctranscoder.tl.trace_circuit`.
-    key
-        Circuit key (``"circuit_<cell>"``; the cell name alone also works).
+    circuit
+        The circuit's key in ``adata.uns`` (``"circuit_<cell>"``; the cell name alone also
+        works).
     max_nodes
         Draw at most this many nodes: the most influential ones and the target, with the edges
         among them.
     min_edge_weight_fraction
         Hide edges whose ``|weight|`` is below this fraction of the largest drawn ``|weight|``.
-    ax
-        Axes to draw into (default: a new figure).
-    figsize
-        Size of the new figure (default: grows with the number of columns and layers).
-    show
-        Show the plot (default: ``scanpy.settings.autoshow``); when shown, nothing is returned.
-    save
-        Path to save the figure to; the format follows the extension (``.png``, ``.svg``, ``.pdf``).
     title
         Title (default: the cell, the target and the replacement/completeness scores).
     label_features
         Label the most influential features ``"L<layer>F<id>"``: ``True`` for the top 10, an
         integer for that many, ``False`` for none.
-    circuits_key
-        ``adata.uns`` entry holding the circuits.
+    figsize
+        Size of the new figure (default: grows with the number of columns and layers).
+    ax
+        Axes to draw into (default: a new figure).
+    show
+        Show the plot (default: ``scanpy.settings.autoshow``).
+    save
+        ``True`` or a file-name suffix: save to ``sc.settings.figdir`` as scanpy does
+        (``<key><suffix>.<format>``).
+    return_fig
+        Return the figure.
 
     Returns
     -------
-    The :class:`~matplotlib.axes.Axes`, unless ``show`` is true.
+    The figure with ``return_fig``; else the axes, unless shown.
     """
     import matplotlib.pyplot as plt
 
-    record = circuit_record(adata, key, circuits_key)
+    name, record = circuit_record(adata, circuit)
     nodes, edges = _drawn(record["nodes"], record["edges"], max_nodes)
     if not 0 <= min_edge_weight_fraction <= 1:
         raise ValueError(
@@ -156,19 +160,19 @@ def circuit(
         title if title is not None else _title(record, len(nodes), len(edges)), fontsize=10
     )
     _legend(ax)
-    return finish(fig, ax, show, save)
+    return finish(fig, ax, writekey=name, show=show, save=save, return_fig=return_fig)
 
 
 def circuit_genes(
     adata: AnnData,
-    key: str,
+    circuit: str,
     *,
     n_top: int = 20,
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
-    circuits_key: str = Key.circuits,
-) -> Axes | None:
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Bar chart of a circuit's most influential genes.
 
     Each bar is a gene's influence on the target, split into the influence of its token
@@ -179,20 +183,23 @@ def circuit_genes(
     ----------
     adata
         Annotated data after :func:`sctranscoder.tl.trace_circuit`.
-    key
-        Circuit key (``"circuit_<cell>"``; the cell name alone also works).
+    circuit
+        The circuit's key in ``adata.uns`` (or its cell's name).
     n_top
         Number of genes, from the top of the circuit's gene table.
-    ax, show, save, circuits_key
+    ax, show, return_fig
         As in :func:`sctranscoder.pl.circuit`.
+    save
+        ``True`` or a file-name suffix: save to ``sc.settings.figdir``
+        (``<key>_genes<suffix>.<format>``).
 
     Returns
     -------
-    The :class:`~matplotlib.axes.Axes`, unless ``show`` is true.
+    The figure with ``return_fig``; else the axes, unless shown.
     """
     import matplotlib.pyplot as plt
 
-    record = circuit_record(adata, key, circuits_key)
+    name, record = circuit_record(adata, circuit)
     genes = record["genes"].sort_values("influence", ascending=False).head(n_top)
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 0.27 * max(len(genes), 4) + 1.3))
@@ -221,8 +228,12 @@ def circuit_genes(
         title_fontsize=7,
     )
     target = _target_label(record.get("params", {}))
-    ax.set_title(f"Top genes · {record.get('params', {}).get('cell', key)} → {target}", fontsize=10)
-    return finish(ax.figure, ax, show, save)
+    ax.set_title(
+        f"Top genes · {record.get('params', {}).get('cell', name)} → {target}", fontsize=10
+    )
+    return finish(
+        ax.figure, ax, writekey=f"{name}_genes", show=show, save=save, return_fig=return_fig
+    )
 
 
 def _drawn(nodes: pd.DataFrame, edges: pd.DataFrame, max_nodes: int):
@@ -330,7 +341,7 @@ def _label_features(ax, nodes, layout, n_labels, ppu_x, ppu_y, radius_pt):
     near = [(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1)]
     candidates = near + [(dx * 2, dy * 2) for dx, dy in near]
     for name, f in feats.iterrows():
-        text = f"L{int(f['layer'])}F{int(f['feature'])}"
+        text = feature_name(int(f["layer"]), int(f["feature"]))
         w, h = 0.7 * fontsize * len(text), 1.3 * fontsize
         cx, cy = layout.at[name, "x"] * ppu_x, layout.at[name, "y"] * ppu_y
         best = None

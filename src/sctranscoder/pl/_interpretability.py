@@ -1,70 +1,85 @@
+"""The paper's Table 4 as a bar chart: interpretable fraction per layer, beside the baselines."""
+
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from .._constants import Key
-from .._store import sct_uns
+from .._records import record
+from ..get import interpretability as get_interpretability
 from ._utils import finish
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+#: Bars drawn per layer (column suffix, legend label, colour), when present.
+_BARS = (
+    ("fraction", "features", "#1f77b4"),
+    ("baseline_fraction", "shuffled gene labels", "#bbbbbb"),
+    ("random_model_{m}fraction", "random-init model", "#ff7f0e"),
+)
 
 
 def interpretability(
-    adata,
+    adata: AnnData,
     *,
-    key: str = Key.uns,
+    annotation_key: str = Key.derived(Key.activations(Key.transcoders), "annotation"),
+    method: Literal["ora", "gsea"] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
-) -> Axes | None:
-    """Per-layer fraction of live features that are interpretable, beside the chance baseline.
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
+    """Per-layer fraction of live features that are interpretable, beside the chance baselines.
 
-    The paper's Table 4 as a bar chart: for each layer, the fraction of live features whose top
-    genes are enriched in a gene set (FDR below the threshold of
+    The paper's Table 4 as a bar chart: for each layer, the fraction of live features whose genes
+    are enriched in a gene set (FDR below the threshold of
     :func:`sctranscoder.tl.annotate_features`) and, beside it, the same fraction with shuffled
-    gene labels. The number of live features is written above each layer.
+    gene labels and on a randomly initialised model (:func:`sctranscoder.tl.random_model_baseline`)
+    when computed. The number of live features is written above each layer.
 
     Parameters
     ----------
     adata
         Annotated data after :func:`sctranscoder.tl.annotate_features`.
-    key
-        ``adata.uns`` key of the transcoders.
+    annotation_key
+        ``adata.uns`` key of the annotation.
+    method
+        ``"ora"`` or ``"gsea"``: which test's results to draw (default: ORA when it ran).
     ax
         Axes to draw on (default: a new figure).
     show
-        Show the figure (default: ``scanpy.settings.autoshow``); then ``None`` is returned.
+        Show the figure (default: ``scanpy.settings.autoshow``).
     save
-        Write the figure to this path; the format follows the extension (``.png``, ``.svg``,
-        ``.pdf``).
+        ``True`` or a file-name suffix: save to ``sc.settings.figdir`` as scanpy does
+        (``interpretability<suffix>.<format>``).
+    return_fig
+        Return the figure.
 
     Returns
     -------
-    The axes, unless shown.
+    The figure with ``return_fig``; else the axes, unless shown.
     """
     import matplotlib.pyplot as plt
 
-    record = sct_uns(adata, key)
-    if "interpretability" not in record:
-        raise KeyError(
-            f"No interpretability summary under adata.uns[{key!r}]: run "
-            "`sct.tl.feature_genes(adata)` then `sct.tl.annotate_features(adata, gene_sets)`."
-        )
-    table = record["interpretability"]
+    table = get_interpretability(adata, annotation_key=annotation_key)
+    if method is None:
+        method = "ora" if "ora_fraction" in table else "gsea"
+    if f"{method}_fraction" not in table:
+        raise ValueError(f"adata.uns[{annotation_key!r}] has no {method!r} results.")
     layers = table["layer"].to_numpy()
     x = np.arange(len(layers))
     if ax is None:
         _, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) + 2), 3.5))
-    fig = ax.figure
-    bars = [("fraction", "features", "#1f77b4")]
-    if np.isfinite(table["baseline_fraction"].to_numpy(dtype=float)).any():
-        bars.append(("baseline_fraction", "shuffled gene labels", "#bbbbbb"))
-    if "random_model_fraction" in table.columns:
-        bars.append(("random_model_fraction", "random-init model", "#ff7f0e"))
+    bars = []
+    for suffix, label, color in _BARS:
+        column = suffix.format(m=f"{method}_") if "{m}" in suffix else f"{method}_{suffix}"
+        if column in table and np.isfinite(table[column].to_numpy(dtype=float)).any():
+            bars.append((column, label, color))
     width = 0.8 / len(bars)
     for i, (column, label, color) in enumerate(bars):
         offset = (i - (len(bars) - 1) / 2) * width
@@ -86,10 +101,13 @@ def interpretability(
     ax.set_ylim(0, 1)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fdr = record.get("features", {}).get("annotation", {}).get("params", {}).get("fdr", np.nan)
+    fdr = record(adata, annotation_key, kind="annotation", hint="")["params"]["fdr"]
     ax.set_title(
-        f"live features with a gene set at FDR < {float(fdr):g} (n live above bars)",
+        f"live features with a gene set at FDR < {float(fdr):g} ({method.upper()}; "
+        "n live above bars)",
         fontsize=9,
         pad=12,
     )
-    return finish(fig, ax, show, save)
+    return finish(
+        ax.figure, ax, writekey="interpretability", show=show, save=save, return_fig=return_fig
+    )

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from scanpy import logging as logg
 from scipy import sparse
 
 from .._constants import Key
+from .._records import check_key
 from ..core.sentences import PromptSettings, cell_ids, rank_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..core.model import C2SModel
-
-logger = logging.getLogger(__name__)
 
 #: Cells read and ranked at a time, so that a backed (on-disk) matrix is never loaded whole.
 _CHUNK_ROWS = 10_000
@@ -134,8 +133,7 @@ def cell_sentences(
     ):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     chunk_size = int(chunk_size)
-    if not isinstance(key_added, str) or not key_added:
-        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    check_key(key_added)
     if copy and adata.isbacked:
         raise ValueError(
             "copy=True would load the backed matrix into memory. Use copy=False (a backed "
@@ -150,11 +148,9 @@ def cell_sentences(
     data_kind = _data_kind(X, chunk_size)
     var_where = "adata.raw.var" if source == "raw" else "adata.var"
     symbols = _gene_symbols(var, gene_symbols, var_where)
-    logger.info(
-        "computing cell sentences from %s (%s values), %d genes per sentence",
-        _describe(source),
-        data_kind,
-        n_genes,
+    start = logg.info(
+        f"computing cell sentences from {_describe(source)} ({data_kind} values), "
+        f"{n_genes} genes per sentence"
     )
     sentences, lengths = _rank(
         X,
@@ -177,7 +173,7 @@ def cell_sentences(
     if copy:
         adata = adata.copy()
     adata.obs[key_added] = sentences
-    adata.obs[f"{key_added}_n_genes"] = lengths
+    adata.obs[Key.sentence_n_genes(key_added)] = lengths
     adata.uns[key_added] = {
         "params": {
             "n_genes": int(n_genes),
@@ -189,14 +185,12 @@ def cell_sentences(
             "gene_symbols": gene_symbols if gene_symbols is not None else "var_names",
         }
     }
-    logger.info(
-        "    finished: added\n"
-        "    %r, cell sentences (adata.obs)\n"
-        "    %r, genes per sentence (adata.obs)\n"
-        "    %r, parameters (adata.uns)",
-        key_added,
-        f"{key_added}_n_genes",
-        key_added,
+    logg.info(
+        "    finished",
+        time=start,
+        deep=f"added\n    {key_added!r}, cell sentences (adata.obs)\n"
+        f"    {Key.sentence_n_genes(key_added)!r}, genes per sentence (adata.obs)\n"
+        f"    {key_added!r}, parameters (adata.uns)",
     )
     return adata if copy else None
 
@@ -249,7 +243,7 @@ def _select_matrix(
     if use_raw is None and adata.raw is not None:
         raw_problem = _value_problem(adata.raw.X, chunk_size)
         if raw_problem is None:
-            logger.info("adata.X %s: using adata.raw.X instead", problem)
+            logg.info(f"adata.X {problem}: using adata.raw.X instead")
             return adata.raw.X, adata.raw.var, "raw"
         problem += f" (and adata.raw.X {raw_problem})"
     raise ValueError(_invalid_message("X", problem))

@@ -1,9 +1,8 @@
-"""Tools: train transcoders and compute what their features do."""
+"""Tools: train transcoders and compute what their features and circuits do."""
 
 from ._annotate_features import annotate_features
 from ._circuit_enrichment import circuit_enrichment
 from ._feature_activations import feature_activations
-from ._feature_genes import feature_genes
 from ._gene_attribution import gene_attribution
 from ._random_model_baseline import random_model_baseline
 from ._rank_features_groups import rank_features_groups
@@ -15,7 +14,6 @@ __all__ = [
     "annotate_features",
     "circuit_enrichment",
     "feature_activations",
-    "feature_genes",
     "gene_attribution",
     "random_model_baseline",
     "rank_features_groups",

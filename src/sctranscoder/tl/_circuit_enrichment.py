@@ -1,82 +1,87 @@
+"""Which gene sets a circuit's genes are enriched in (over-representation, BH FDR)."""
+
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from scanpy import logging as logg
 
 from .._constants import Key
-from .._enrichment import enrich_gseapy, ora, ora_decoupler
-from .._genesets import gene_sets_in_background
-from .._store import circuit_record, gene_lists
+from .._genesets import gene_sets_in_background, source_name
+from .._ora import ora
+from .._records import check_key, circuit_record, sentences
+from .._validate import check_copy_backed, check_positive_int
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-logger = logging.getLogger(__name__)
 
-
-def circuit_genes(record: dict, n_top: int) -> list[str]:
+def circuit_genes(rec: dict, n_top: int) -> list[str]:
     """The circuit's top genes: positive influence on the target, most influential first."""
-    genes = pd.DataFrame(record["genes"])
+    genes = pd.DataFrame(rec["genes"])
     genes = genes[genes["influence"] > 0].sort_values("influence", ascending=False)
     return [str(g) for g in genes.index[:n_top]]
 
 
 def circuit_enrichment(
     adata: AnnData,
-    key: str,
-    gene_sets,
     *,
-    n_top_genes: int = 25,
+    circuit: str,
+    gene_sets,
+    n_top: int = 25,
     min_size: int = 5,
     max_size: int = 500,
     allow_network: bool = False,
-    circuits_key: str = Key.circuits,
-    _source: str | None = None,
-) -> None:
+    key_added: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
     """Test a circuit's top genes against gene sets (over-representation, BH FDR).
 
-    The query is the circuit's ``n_top_genes`` genes by influence; the background is every gene
-    that occurs in a cell sentence of ``adata`` (the genes the model could have seen). Three
-    implementations run on the same table: a one-sided hypergeometric test (``pvalue``/``fdr``,
-    BH over every tested set), gseapy's offline ``enrich`` (same p-values; ``gseapy_fdr``, BH over
-    sets that overlap the query) and decoupler's ORA (``decoupler_pvalue``/``decoupler_fdr``, a
-    two-sided Fisher test).
+    The query is the circuit's ``n_top`` genes by influence; the background is every gene that
+    occurs in a cell sentence of ``adata`` (the genes the model could have seen). The test is a
+    one-sided hypergeometric test with BH over every tested set
+    (:func:`~sctranscoder._ora.ora`); the tests check it against gseapy's ``enrich`` and
+    decoupler's ORA.
 
     Parameters
     ----------
     adata
         Annotated data with a traced circuit.
-    key
-        The circuit's key in ``adata.uns[circuits_key]``.
+    circuit
+        The circuit's key in ``adata.uns`` (or its cell's name).
     gene_sets
         A dict, a GMT path, a decoupler net, ``"markers:<obs column>"`` (top markers per group,
         from this data) or a named library (offline from a cache or ``pyenrichr``; online only
         with ``allow_network=True``).
-    n_top_genes
+    n_top
         Size of the query.
     min_size, max_size
         Gene set sizes kept (within the background).
     allow_network
         Allow downloading a named library.
-    circuits_key
-        ``adata.uns`` key holding circuits.
+    key_added
+        ``adata.uns`` key of the result (default ``f"{circuit}_enrichment"``).
+    copy
+        Return a copy instead of writing to ``adata``.
 
     Returns
     -------
-    ``None``. Sets ``adata.uns[circuits_key][key]["enrichment"]``, a :class:`pandas.DataFrame`
-    with ``term``, ``size``, ``overlap``, ``genes``, ``pvalue``, ``fdr``, ``odds_ratio``,
-    ``gseapy_fdr``, ``decoupler_pvalue``, ``decoupler_fdr``, sorted by ``pvalue``; and
-    ``["enrichment_params"]``.
+    ``None``, or a copy of ``adata`` when ``copy=True``. Sets ``adata.uns[key_added]``, a dict:
+
+    ``table`` : :class:`pandas.DataFrame`
+        One row per tested set, by p-value: ``term``, ``size`` (genes in the background),
+        ``overlap``, ``pvalue``, ``fdr``, ``odds_ratio``, ``genes`` (the overlap, ``;``-joined).
+    ``params`` : dict
+        ``circuit``, ``gene_sets`` (name or path, or the type of object given), ``query`` (the
+        genes tested), ``n_background``, ``n_sets``, ``min_size``, ``max_size``.
     """
-    record = circuit_record(adata, key, circuits_key)
-    query = circuit_genes(record, n_top_genes)
-    if not query:
-        raise ValueError(f"Circuit {key!r} has no gene with positive influence to test.")
-    sentence_key = str(record["params"].get("sentence_key", Key.sentence))
-    background = sorted({g for s in gene_lists(adata, sentence_key) for g in s})
+    name, rec = circuit_record(adata, circuit)
+    check_positive_int(n_top, "n_top")
+    check_copy_backed(adata, copy)
+    record_key = check_key(key_added or Key.circuit_enrichment(name))
+    background = circuit_background(adata, rec)
     sets = gene_sets_in_background(
         gene_sets,
         background,
@@ -85,33 +90,40 @@ def circuit_enrichment(
         max_size=max_size,
         allow_network=allow_network,
     )
-    table = ora(query, sets, background=background, min_overlap=0)
-    table = table.set_index("term")
-    gp = enrich_gseapy(query, sets, background=background).set_index("term")
-    dc_ = ora_decoupler(query, sets, background=background).set_index("term")
-    table["gseapy_fdr"] = gp["fdr"].reindex(table.index).astype(float)
-    table["decoupler_pvalue"] = dc_["pvalue"].reindex(table.index).astype(float)
-    table["decoupler_fdr"] = dc_["fdr"].reindex(table.index).astype(float)
-    table = table.reset_index().sort_values("pvalue", kind="stable").reset_index(drop=True)
-    record["enrichment"] = table
-    record["enrichment_params"] = {
-        "gene_sets": _source
-        or (gene_sets if isinstance(gene_sets, str) else type(gene_sets).__name__),
-        "query": np.asarray(query, dtype=object).astype(str),
-        "n_background": len(background),
-        "n_sets": len(sets),
-        "min_size": int(min_size),
-        "max_size": int(max_size),
-    }
-    best = table.iloc[0]
-    logger.info(
-        "circuit %s: best term %s (overlap %d, FDR %.2g) among %d sets\n"
-        "    added 'enrichment' (adata.uns[%r][%r])",
-        key,
-        best["term"],
-        int(best["overlap"]),
-        best["fdr"],
-        len(sets),
-        circuits_key,
-        key,
+    result = enrichment(rec, sets, background, n_top=n_top, source=source_name(gene_sets))
+    result["params"].update(circuit=name, min_size=int(min_size), max_size=int(max_size))
+    if copy:
+        adata = adata.copy()
+    adata.uns[record_key] = result
+    best = result["table"].iloc[0]
+    logg.info(
+        f"circuit {name}: best term {best['term']} (overlap {int(best['overlap'])}, "
+        f"FDR {best['fdr']:.2g}) among {len(sets)} sets",
+        deep=f"added\n    {record_key!r}, enrichment of the circuit's genes (adata.uns)",
     )
+    return adata if copy else None
+
+
+def circuit_background(adata: AnnData, rec: dict) -> list[str]:
+    """Every gene of the sentences the circuit's transcoders read: what the model could see."""
+    sentence_key = str(rec["params"].get("sentence_key", Key.sentence))
+    return sorted({g for s in sentences(adata, sentence_key) for g in s})
+
+
+def enrichment(
+    rec: dict, sets: dict[str, list[str]], background: list[str], *, n_top: int, source: str
+) -> dict:
+    """``{"table", "params"}`` of the circuit's top ``n_top`` genes against ``sets``."""
+    query = circuit_genes(rec, n_top)
+    if not query:
+        raise ValueError("The circuit has no gene with positive influence to test.")
+    table = ora(query, sets, background=background, min_overlap=0)
+    return {
+        "table": table,
+        "params": {
+            "gene_sets": source,
+            "query": np.asarray(query, dtype=str),
+            "n_background": len(background),
+            "n_sets": len(sets),
+        },
+    }

@@ -2,69 +2,46 @@
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from scanpy import logging as logg
 from scipy import sparse
 
-from .._constants import Key
-from .._store import sct_uns
-from ..get._activations import feature_names
+from .._constants import Key, feature_names
+from .._logging import quiet_scanpy
+from .._records import activation_layers, activations_record, check_key, obsm_activations
+from .._validate import check_copy_backed
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anndata import AnnData
 
-logger = logging.getLogger(__name__)
+#: Stands in for ``/`` in group names used as keys (``.h5ad`` and ``.zarr`` read ``/`` as a path):
+#: U+2215 DIVISION SLASH, which looks the same.
+SLASH = "\u2215"
 
-#: Default ``adata.uns`` key of :func:`rank_features_groups` results.
-DEFAULT_KEY = "rank_features_groups"
 
-
-def _activation_keys(adata: AnnData, key: str, layers: Sequence[int] | None) -> dict[int, str]:
-    """``{layer: obsm key}`` of the stored activations of ``layers`` (default: all)."""
-    record = sct_uns(adata, key)
-    if "activations" not in record:
-        raise KeyError(
-            f"No activations under adata.uns[{key!r}]: run `sct.tl.feature_activations(adata)` "
-            "first."
-        )
-    obsm_keys = record["activations"]["obsm_keys"]
-    available = sorted(int(k.split("_", 1)[1]) for k in obsm_keys)
-    if layers is None:
-        layers = available
-    layers = [int(x) for x in layers]
-    missing = [x for x in layers if x not in available]
-    if missing:
-        raise KeyError(
-            f"No activations for layer(s) {missing} in adata.uns[{key!r}]; available layers: "
-            f"{available}. Run `sct.tl.feature_activations(adata, layers=...)`."
-        )
-    out = {}
-    for layer in layers:
-        obsm_key = str(obsm_keys[Key.layer(layer)])
-        if obsm_key not in adata.obsm:
-            raise KeyError(
-                f"adata.obsm[{obsm_key!r}] is missing: rerun `sct.tl.feature_activations(adata)`."
-            )
-        out[layer] = obsm_key
-    return out
+def storable_group(name: str) -> str:
+    """A group name usable as a key in every storage backend (``/`` replaced by :data:`SLASH`)."""
+    return str(name).replace("/", SLASH)
 
 
 def feature_matrix(
-    adata: AnnData, layers: Sequence[int] | None = None, *, key: str = Key.uns
+    adata: AnnData, layers: Sequence[int] | None, activations_key: str
 ) -> tuple[sparse.csr_matrix, list[str], np.ndarray, np.ndarray]:
     """Cells x features activations of ``layers`` side by side, with names ``"L<l>F<j>"``.
 
     Returns the CSR matrix, the feature names, and each column's layer and feature index.
     """
-    keys = _activation_keys(adata, key, layers)
+    rec = activations_record(adata, activations_key)
     blocks, names, layer_of, index_of = [], [], [], []
-    for layer, obsm_key in keys.items():
-        X = sparse.csr_matrix(adata.obsm[obsm_key], dtype=np.float32)
+    for layer in activation_layers(rec, layers, activations_key):
+        X = sparse.csr_matrix(
+            obsm_activations(adata, rec, layer, activations_key), dtype=np.float32
+        )
         blocks.append(X)
         names += feature_names(layer, X.shape[1])
         layer_of.append(np.full(X.shape[1], layer, dtype=np.int64))
@@ -73,23 +50,16 @@ def feature_matrix(
     return X, names, np.concatenate(layer_of), np.concatenate(index_of)
 
 
-def _group_means(X: sparse.csr_matrix, labels: pd.Categorical, names: list[str]) -> pd.DataFrame:
-    """Features x groups mean activation (groups with no cell are left out)."""
-    codes = np.asarray(labels.codes)
-    keep = codes >= 0
-    cats = list(labels.categories)
-    onehot = sparse.csr_matrix(
-        (np.ones(keep.sum(), dtype=np.float64), (codes[keep], np.flatnonzero(keep))),
-        shape=(len(cats), X.shape[0]),
-    )
-    counts = np.asarray(onehot.sum(1)).ravel()
-    sums = np.asarray((onehot @ X.astype(np.float64)).todense())  # groups x features
-    present = counts > 0
-    means = sums[present] / counts[present, None]
+def _group_means(features: AnnData, groupby: str) -> pd.DataFrame:
+    """Features x groups mean activation (:func:`scanpy.get.aggregate`; empty groups left out)."""
+    import scanpy as sc
+
+    with quiet_scanpy():
+        means = sc.get.aggregate(features, by=groupby, func="mean")
     return pd.DataFrame(
-        means.T.astype(np.float32),
-        index=pd.Index(names),
-        columns=pd.Index([str(c) for c, p in zip(cats, present, strict=True) if p]),
+        np.asarray(means.layers["mean"], dtype=np.float32).T,
+        index=features.var_names.copy(),
+        columns=pd.Index([str(c) for c in means.obs_names]),
     )
 
 
@@ -126,14 +96,14 @@ def specificity(group_means: pd.DataFrame) -> pd.DataFrame:
 
 def rank_features_groups(
     adata: AnnData,
-    groupby: str,
     *,
+    groupby: str,
     layers: Sequence[int] | None = None,
-    key: str = Key.uns,
     method: Literal["wilcoxon", "t-test", "t-test_overestim_var", "logreg"] = "wilcoxon",
     groups: Literal["all"] | Sequence[str] = "all",
     reference: str = "rest",
-    n_features: int | None = None,
+    n_top: int | None = None,
+    activations_key: str = Key.activations(Key.transcoders),
     key_added: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -146,6 +116,9 @@ def rank_features_groups(
     the ``logfoldchanges`` scanpy computes (as if they were) are not meaningful; use ``scores``,
     ``pvals_adj``, ``pts`` and the group means below. Groups with fewer than two cells cannot be
     tested: with ``groups="all"`` they are left out (with a warning) and count as "rest".
+    Group names are keys of the stored result, and ``.h5ad``/``.zarr`` files read ``/`` in a key
+    as a path: a ``/`` in a group name (``"CD4+/CD25 T Reg"``) is stored as the look-alike
+    ``"∕"`` (U+2215), with a note in the log; ``groups`` and ``reference`` accept either.
 
     Per feature, its association with ``adata.obs[groupby]`` is stored too: its mean activation
     in every group, the group where it is highest and how specific it is to that group.
@@ -158,8 +131,6 @@ def rank_features_groups(
         Categorical ``adata.obs`` column (e.g. ``"bulk_labels"``).
     layers
         Layers whose features are ranked (default: every layer with activations).
-    key
-        ``adata.uns`` key of the transcoders.
     method
         Test of :func:`scanpy.tl.rank_genes_groups`; ``"wilcoxon"`` (default) suits the many
         zeros of sparse activations.
@@ -167,8 +138,10 @@ def rank_features_groups(
         Groups to rank (default: all with at least two cells).
     reference
         ``"rest"`` or a group to compare with.
-    n_features
+    n_top
         Features reported per group (default: all).
+    activations_key
+        ``adata.uns`` key of the activation record.
     key_added
         ``adata.uns`` key of the result (default: ``"rank_features_groups"``).
     copy
@@ -180,13 +153,13 @@ def rank_features_groups(
     ``adata.uns[key_added]`` : dict, with scanpy's rank_genes_groups fields
 
         ``names``, ``scores``, ``logfoldchanges``, ``pvals``, ``pvals_adj`` : record arrays
-            One field per group, ``n_features`` rows, best first (feature names
+            One field per group, ``n_top`` rows, best first (feature names
             ``"L<layer>F<index>"``).
         ``pts``, ``pts_rest`` : :class:`pandas.DataFrame`
             Features x groups: fraction of cells of the group (of the rest) where it fires.
         ``params`` : dict
             scanpy's (``groupby``, ``reference``, ``method``, ``use_raw``, ``corr_method``) plus
-            ``sct_key`` and ``layers`` (int array).
+            ``activations_key`` and ``layers`` (int array).
 
     and sctranscoder's
 
@@ -199,7 +172,7 @@ def rank_features_groups(
 
     Examples
     --------
-    >>> sct.tl.rank_features_groups(adata, "bulk_labels", layers=[2])
+    >>> sct.tl.rank_features_groups(adata, groupby="bulk_labels", layers=[2])
     >>> sc.get.rank_genes_groups_df(adata, "CD19+ B", key="rank_features_groups")
 
     For a dot plot, rank one layer and plot on that layer's feature AnnData (which carries the
@@ -215,58 +188,37 @@ def rank_features_groups(
 
     if groupby not in adata.obs:
         raise KeyError(f"adata.obs[{groupby!r}] not found; columns: {list(adata.obs.columns)}.")
-    key_added = DEFAULT_KEY if key_added is None else str(key_added)
-    start = time.perf_counter()
-    X, names, layer_of, index_of = feature_matrix(adata, layers, key=key)
-    labels = pd.Categorical(adata.obs[groupby].astype(str).where(adata.obs[groupby].notna()))
-
-    counts = pd.Series(labels).value_counts()
-    if isinstance(groups, str) and groups == "all":
-        tested = [str(g) for g in labels.categories if counts.get(g, 0) >= 2]
-        small = [str(g) for g in labels.categories if 0 < counts.get(g, 0) < 2]
-        if small:
-            logger.warning(
-                "groups %s of %r have fewer than 2 cells: they are not ranked (but count in the "
-                "rest)",
-                small,
-                groupby,
-            )
-        if reference != "rest" and reference not in tested:
-            tested.append(reference)
-        if not tested:
-            raise ValueError(f"No group of {groupby!r} has at least 2 cells.")
-        rank_groups: str | list[str] = tested
-    else:
-        rank_groups = [str(g) for g in groups]
-        unknown = [g for g in rank_groups if g not in counts.index]
-        if unknown:
-            raise ValueError(
-                f"groups {unknown} not in adata.obs[{groupby!r}]; groups: {list(counts.index)}."
-            )
-
+    key_added = check_key(key_added or Key.rank_features_groups)
+    check_copy_backed(adata, copy)
+    X, names, layer_of, index_of = feature_matrix(adata, layers, activations_key)
+    column = adata.obs[groupby]
+    labels = pd.Categorical(column.astype(str).map(storable_group).where(column.notna()))
+    labels = labels.remove_unused_categories()
+    rank_groups = _groups_to_rank(labels, groups, storable_group(reference), groupby)
     tmp = ad.AnnData(
         X=X,
         obs=pd.DataFrame({groupby: labels}, index=adata.obs_names.copy()),
         var=pd.DataFrame(index=pd.Index(names)),
     )
-    sc.tl.rank_genes_groups(
-        tmp,
-        groupby,
-        groups=rank_groups,
-        reference=reference,
-        method=method,
-        n_genes=X.shape[1] if n_features is None else int(n_features),
-        use_raw=False,
-        pts=True,
-        key_added="result",
-    )
+    start = logg.info(f"ranking {len(names)} features for the groups of {groupby!r}")
+    with quiet_scanpy():
+        sc.tl.rank_genes_groups(
+            tmp,
+            groupby,
+            groups=rank_groups,
+            reference=storable_group(reference),
+            method=method,
+            n_genes=X.shape[1] if n_top is None else int(n_top),
+            use_raw=False,
+            pts=True,
+            key_added="result",
+        )
     result = dict(tmp.uns["result"])
     params = {k: v for k, v in dict(result["params"]).items() if v is not None}
-    params["sct_key"] = key
+    params["activations_key"] = activations_key
     params["layers"] = np.unique(layer_of)
     result["params"] = params
-
-    means = _group_means(X, labels, names)
+    means = _group_means(tmp, groupby)
     spec = specificity(means)
     spec.insert(0, "feature", index_of)
     spec.insert(0, "layer", layer_of)
@@ -276,13 +228,35 @@ def rank_features_groups(
     if copy:
         adata = adata.copy()
     adata.uns[key_added] = result
-    logger.info(
-        "ranked %d features of layers %s for %d groups of %r in %.1fs\n    added %r (adata.uns)",
-        len(names),
-        params["layers"].tolist(),
-        len(result["names"].dtype.names),
-        groupby,
-        time.perf_counter() - start,
-        key_added,
+    logg.info(
+        "    finished", time=start, deep=f"added\n    {key_added!r}, feature ranking (adata.uns)"
     )
     return adata if copy else None
+
+
+def _groups_to_rank(labels: pd.Categorical, groups, reference: str, groupby: str) -> list[str]:
+    """The groups to rank: all with at least two cells, or those asked for (checked)."""
+    counts = pd.Series(labels).value_counts()
+    renamed = [str(g) for g in labels.categories if SLASH in str(g)]
+    if renamed:
+        logg.info(f"    groups {renamed} of {groupby!r} are stored with '{SLASH}' for '/'")
+    if not (isinstance(groups, str) and groups == "all"):
+        wanted = [storable_group(g) for g in ([groups] if isinstance(groups, str) else groups)]
+        unknown = [g for g in wanted if g not in counts.index]
+        if unknown:
+            raise ValueError(
+                f"groups {unknown} not in adata.obs[{groupby!r}]; groups: {list(counts.index)}."
+            )
+        return wanted
+    tested = [str(g) for g in labels.categories if counts.get(g, 0) >= 2]
+    small = [str(g) for g in labels.categories if 0 < counts.get(g, 0) < 2]
+    if small:
+        logg.warning(
+            f"groups {small} of {groupby!r} have fewer than 2 cells: they are not ranked (but "
+            "count in the rest)"
+        )
+    if reference != "rest" and reference not in tested:
+        tested.append(reference)
+    if not tested:
+        raise ValueError(f"No group of {groupby!r} has at least 2 cells.")
+    return tested

@@ -1,20 +1,27 @@
+"""Score every cell by a traced circuit: its features' activations and its genes' expression."""
+
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from scanpy import logging as logg
 from scipy import sparse
 
 from .._constants import Key
-from .._store import circuit_record, sct_uns
+from .._records import (
+    activation_layers,
+    activations_record,
+    check_key,
+    circuit_record,
+    obsm_activations,
+)
+from .._validate import check_copy_backed, check_positive_int
 from ._circuit_enrichment import circuit_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-logger = logging.getLogger(__name__)
 
 
 def _expression(adata: AnnData):
@@ -33,11 +40,11 @@ def _expression(adata: AnnData):
 
 def score_circuit(
     adata: AnnData,
-    key: str,
     *,
+    circuit: str,
     gene_score: bool = True,
-    n_top_genes: int = 25,
-    circuits_key: str = Key.circuits,
+    n_top: int = 25,
+    activations_key: str | None = None,
     key_added: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -46,23 +53,24 @@ def score_circuit(
     The *feature score* of a cell is the influence-weighted mean of the activations (from
     :func:`sctranscoder.tl.feature_activations`) of the circuit's kept features, each feature
     counted once with the summed influence of its nodes. The *gene score* is decoupler's AUCell
-    of the circuit's top ``n_top_genes`` genes in the cell's expression ranking (``X``, or
-    ``.raw`` when ``X`` is scaled).
+    of the circuit's top ``n_top`` genes in the cell's expression ranking (``X``, or ``.raw``
+    when ``X`` is scaled).
 
     Parameters
     ----------
     adata
         Annotated data with a traced circuit and feature activations of its layers.
-    key
-        The circuit's key.
+    circuit
+        The circuit's key in ``adata.uns`` (or its cell's name).
     gene_score
         Also compute the gene score.
-    n_top_genes
+    n_top
         Genes in the circuit's gene set.
-    circuits_key
-        ``adata.uns`` key holding circuits.
+    activations_key
+        ``adata.uns`` key of the activation record (default: the default record of the
+        circuit's transcoders, ``"sct_activations"``).
     key_added
-        Prefix of the obs columns (default: ``key``).
+        Prefix of what is written (default: the circuit's key).
     copy
         Return a copy instead of writing to ``adata``.
 
@@ -74,77 +82,79 @@ def score_circuit(
         Feature score.
     ``adata.obs[f"{key_added}_gene_score"]`` : float
         Gene score (AUCell), when ``gene_score``.
-    ``adata.uns[circuits_key][key]["cell_scores"]`` : dict
-        The features and weights used, and the gene set.
+    ``adata.uns[f"{key_added}_score"]`` : dict
+        ``params`` (``circuit``, ``activations_key``, ``n_top``); the ``layers``, ``features``
+        and ``influence`` (their weights) of the features used; the ``genes`` of the gene set.
     """
-    record = circuit_record(adata, key, circuits_key)
-    nodes = pd.DataFrame(record["nodes"])
+    name, rec = circuit_record(adata, circuit)
+    check_positive_int(n_top, "n_top")
+    check_copy_backed(adata, copy)
+    prefix = check_key(key_added or name)
+    activations_key = activations_key or Key.activations(
+        str(rec["params"].get("transcoders_key", Key.transcoders))
+    )
+    nodes = pd.DataFrame(rec["nodes"])
     feats = nodes[(nodes["type"] == "feature") & (nodes["influence"] > 0)]
     if feats.empty:
         raise ValueError(
-            f"Circuit {key!r} keeps no feature; trace it with a larger node_threshold."
+            f"Circuit {name!r} keeps no feature; trace it with a larger node_threshold."
         )
     weights = feats.groupby(["layer", "feature"])["influence"].sum()
-    tc_key = str(record["params"].get("transcoders_key", Key.uns))
-    acts = sct_uns(adata, tc_key).get("activations")
-    if acts is None:
-        raise KeyError("No feature activations: run `sct.tl.feature_activations(adata)` first.")
-    obsm_keys = acts["obsm_keys"]
-    score = np.zeros(adata.n_obs)
-    for (layer, feature), w in weights.items():
-        name = Key.layer(int(layer))
-        if name not in obsm_keys:
-            raise KeyError(
-                f"No activations for layer {layer}: run `sct.tl.feature_activations(adata)` "
-                "(all layers)."
-            )
-        X = adata.obsm[obsm_keys[name]]
-        col = X[:, int(feature)]
-        score += w * (col.toarray().ravel() if sparse.issparse(col) else np.asarray(col).ravel())
-    score /= weights.sum()
-    genes = circuit_genes(record, n_top_genes)
-    gene_values = None
-    if gene_score:
-        import anndata as ad
-        import decoupler as dc
+    score = _feature_score(adata, weights, activations_key)
+    genes = circuit_genes(rec, n_top)
+    gene_values = _gene_score(adata, genes, name) if gene_score else None
 
-        X, names = _expression(adata)
-        upper = pd.Index([str(n).upper() for n in names])
-        present = [g for g in genes if g in set(upper)]
-        if not present:
-            raise ValueError(
-                f"None of the circuit's genes {genes[:5]}... is in the expression matrix."
-            )
-        tmp = ad.AnnData(
-            X=sparse.csr_matrix(X) if sparse.issparse(X) else np.asarray(X),
-            obs=pd.DataFrame(index=adata.obs_names.astype(str)),
-        )
-        tmp.var_names = upper
-        tmp.var_names_make_unique()
-        net = pd.DataFrame({"source": key, "target": present, "weight": 1.0})
-        dc.mt.aucell(tmp, net, tmin=1, verbose=False)
-        gene_values = np.asarray(tmp.obsm["score_aucell"][key], dtype=np.float64)
-
-    prefix = key_added or key
     if copy:
         adata = adata.copy()
-        record = circuit_record(adata, key, circuits_key)
-    adata.obs[f"{prefix}_score"] = score
+    score_col, gene_col = Key.circuit_scores(prefix)
+    adata.obs[score_col] = score
     if gene_values is not None:
-        adata.obs[f"{prefix}_gene_score"] = gene_values
-    record["cell_scores"] = {
+        adata.obs[gene_col] = gene_values
+    adata.uns[score_col] = {
+        "params": {"circuit": name, "activations_key": activations_key, "n_top": int(n_top)},
         "layers": weights.index.get_level_values(0).to_numpy(dtype=np.int64),
         "features": weights.index.get_level_values(1).to_numpy(dtype=np.int64),
-        "weights": weights.to_numpy(dtype=np.float64),
-        "genes": np.asarray(genes, dtype=object).astype(str),
+        "influence": weights.to_numpy(dtype=np.float64),
+        "genes": np.asarray(genes, dtype=str),
     }
-    logger.info(
-        "scored %d cells by circuit %s (%d features%s)\n    added %r%s (adata.obs)",
-        adata.n_obs,
-        key,
-        len(weights),
-        f", {len(genes)} genes" if gene_score else "",
-        f"{prefix}_score",
-        f", {prefix + '_gene_score'!r}" if gene_score else "",
+    logg.info(
+        f"scored {adata.n_obs} cells by circuit {name} ({len(weights)} features"
+        f"{f', {len(genes)} genes' if gene_score else ''})",
+        deep=f"added\n    {score_col!r}{f', {gene_col!r}' if gene_score else ''} (adata.obs)\n"
+        f"    {score_col!r}, the features and genes used (adata.uns)",
     )
     return adata if copy else None
+
+
+def _feature_score(adata: AnnData, weights: pd.Series, activations_key: str) -> np.ndarray:
+    """Influence-weighted mean activation of the circuit's features in every cell."""
+    rec = activations_record(adata, activations_key)
+    activation_layers(
+        rec, sorted({int(x) for x in weights.index.get_level_values(0)}), activations_key
+    )
+    score = np.zeros(adata.n_obs)
+    for (layer, feature), w in weights.items():
+        col = obsm_activations(adata, rec, int(layer), activations_key)[:, int(feature)]
+        score += w * (col.toarray().ravel() if sparse.issparse(col) else np.asarray(col).ravel())
+    return score / weights.sum()
+
+
+def _gene_score(adata: AnnData, genes: list[str], name: str) -> np.ndarray:
+    """Decoupler's AUCell of ``genes`` in every cell's expression ranking."""
+    import anndata as ad
+    import decoupler as dc
+
+    X, names = _expression(adata)
+    upper = pd.Index([str(n).upper() for n in names])
+    present = [g for g in genes if g in set(upper)]
+    if not present:
+        raise ValueError(f"None of the circuit's genes {genes[:5]}... is in the expression matrix.")
+    tmp = ad.AnnData(
+        X=sparse.csr_matrix(X) if sparse.issparse(X) else np.asarray(X),
+        obs=pd.DataFrame(index=adata.obs_names.astype(str)),
+    )
+    tmp.var_names = upper
+    tmp.var_names_make_unique()
+    net = pd.DataFrame({"source": "circuit", "target": present, "weight": 1.0})
+    dc.mt.aucell(tmp, net, tmin=1, verbose=False)
+    return np.asarray(tmp.obsm["score_aucell"]["circuit"], dtype=np.float64)

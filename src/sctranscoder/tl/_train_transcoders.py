@@ -1,73 +1,46 @@
+"""Train transcoders on every MLP layer of a C2S model, from an AnnData's cell sentences."""
+
 from __future__ import annotations
 
-import logging
-import os
-import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
+from scanpy import logging as logg
 
 from .._constants import Key
-from .._store import gene_lists, model_record, transcoders_to_uns
+from .._records import EMBED_LIMIT_BYTES, check_key, sentences, write_transcoders
+from .._validate import check_copy_backed, check_layers, model_or_default
 from ..core import distributed as dist
-from ..core.evaluation import layer_metrics, replacement_hooks, replacement_metrics
-from ..core.hooks import replace_mlp_outputs
-from ..core.model import C2SModel, greedy_answers, load_model
+from ..core.evaluation import layer_metrics, prediction_agreement, replacement_metrics
+from ..core.prompts import prompt_batches, split_cells
 from ..core.training import TrainingConfig
 from ..core.training import train_transcoders as _train
+from ..core.transcoder_set import TranscoderSet, manifest_sha256
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
     from anndata import AnnData
 
-logger = logging.getLogger(__name__)
-
-
-def prompt_batches(
-    model: C2SModel,
-    sentences: Sequence[Sequence[str]],
-    cells: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int | None,
-    repeat: bool,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Tokenised prompts of ``cells`` in batches; shuffled every epoch when ``seed`` is set."""
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(cells) if seed is not None else cells
-        for start in range(0, len(order), batch_size):
-            batch = model.tokenize([sentences[i] for i in order[start : start + batch_size]])
-            yield batch.input_ids, batch.attention_mask
-        if not repeat:
-            return
+    from ..core.model import C2SModel
 
 
 def train_transcoders(
     adata: AnnData,
     model: C2SModel | str | None = None,
     *,
+    config: TrainingConfig | None = None,
     layers: Sequence[int] | None = None,
-    activation: Literal["topk", "relu"] = "topk",
-    expansion_factor: int = 8,
-    k: int = 32,
-    skip: bool = False,
-    l1_coefficient: float = 1.4e-4,
-    lr: float | None = None,
-    batch_size: int = 2048,
-    n_tokens: int = 1_000_000,
-    prompt_batch_size: int = 16,
-    validation_fraction: float = 0.1,
-    seed: int = 0,
     device: str | None = None,
-    autocast: Literal["bf16", "fp16"] | None = None,
-    compile: bool = False,
+    weights_dir: str | os.PathLike | None = None,
     sentence_key: str = Key.sentence,
-    key_added: str = Key.uns,
+    key_added: str = Key.transcoders,
     progress: bool = True,
     copy: bool = False,
+    **overrides: Any,
 ) -> AnnData | None:
     """Train a transcoder for each chosen MLP layer of a C2S model on the cells' sentences.
 
@@ -77,6 +50,10 @@ def train_transcoders(
     memory is bounded by a shuffle buffer whatever the number of cells. Cells are split at random
     (seeded) into training and validation; quality is measured on the validation cells.
 
+    Every training setting is a field of :class:`~sctranscoder.core.training.TrainingConfig`:
+    pass one whole as ``config=``, or any field as a keyword (``n_tokens=``, ``k=``,
+    ``activation="relu"``, ``kernels=``, ...), which then overrides ``config``.
+
     **Data-parallel training.** Launched with ``torchrun`` and called after
     ``torch.distributed.init_process_group()`` (more than one rank), every rank computes the same
     seeded split, runs the model only on its shard of the training cells (every
@@ -85,8 +62,7 @@ def train_transcoders(
     ranks at every step. ``batch_size`` and ``n_tokens`` stay global (each step uses
     ``batch_size // world_size`` tokens per rank). Validation is not sharded: every rank evaluates
     all validation cells, and rank 0's metrics are broadcast, so every rank ends with the same
-    ``adata.uns[key_added]`` and ``adata.obs`` column; save from rank 0 only. See
-    ``docs/scaling.md``.
+    record; save from rank 0 only. See ``docs/scaling.md``.
 
     **Backed AnnData.** Only ``adata.obs[sentence_key]`` is read, so ``adata`` may be opened with
     ``anndata.read_h5ad(path, backed="r")``; the results go to ``uns`` and ``obs``, which are held
@@ -101,51 +77,31 @@ def train_transcoders(
     model
         A :class:`~sctranscoder.core.model.C2SModel` (e.g. :func:`sctranscoder.datasets.tiny_c2s`),
         a local model directory or a hub id. Default: the embedded model.
+    config
+        Training settings (default: ``TrainingConfig()``: TopK, expansion 8, k 32, 1M tokens).
+        The settings of Hosokawa et al. 2025 are ``TrainingConfig(activation="relu",
+        expansion_factor=8, lr=1e-4, l1_coefficient=1.4e-4, batch_size=2048)``.
     layers
         MLP layers to train (default: all).
-    activation
-        ``"topk"`` (keep the ``k`` largest features per token) or ``"relu"`` (with an L1 penalty;
-        the settings of Hosokawa et al. 2025 are ``expansion_factor=8, lr=1e-4,
-        l1_coefficient=1.4e-4, batch_size=2048``).
-    expansion_factor
-        Features per model dimension.
-    k
-        Active features per token (TopK).
-    skip
-        Add a linear skip connection from the MLP input to the output.
-    l1_coefficient
-        L1 penalty (ReLU).
-    lr
-        Learning rate (default: ``2e-4 / sqrt(n_features / 2**14)`` for TopK, ``1e-4`` for ReLU).
-    batch_size
-        Tokens per optimiser step.
-    n_tokens
-        Training tokens per layer (every layer sees the same tokens).
-    prompt_batch_size
-        Cells per forward pass of the model.
-    validation_fraction
-        Fraction of cells held out for the quality metrics.
-    seed
-        Seed of the split, initialisation and shuffling.
     device
         ``"cpu"``, ``"cuda"``, ... Default: where the model is; in data-parallel training with
         CUDA available, ``cuda:<LOCAL_RANK>`` (the GPU ``torchrun`` assigns to the rank).
-    autocast
-        Run the frozen model's forward pass, and the TopK encoder's matmul and selection, in
-        ``"bf16"`` or ``"fp16"`` (``torch.autocast``; the GPU setting). MLP inputs and outputs
-        are cast back to float32; the transcoders' weights, gradients and optimiser stay in
-        float32. Default: the model's own precision, float32 transcoders.
-    compile
-        ``torch.compile`` the transcoders' encoder and decoder-plus-loss (falls back to eager,
-        with a logged warning, where compilation fails).
+    weights_dir
+        Write the weights to this new directory (:meth:`TranscoderSet.save
+        <sctranscoder.core.transcoder_set.TranscoderSet.save>`) and keep only a link to it (path
+        and checksum) in ``adata.uns``: for large models, whose weights would make the ``.h5ad``
+        gigabytes large. Default: the weights go into ``adata.uns`` (one self-contained file); a
+        warning suggests ``weights_dir`` above 1 GiB of weights.
     sentence_key
         ``adata.obs`` column with the cell sentences.
     key_added
-        ``adata.uns`` key (and prefix of the obs/obsm keys) for the results.
+        ``adata.uns`` key of the transcoder record (and prefix of the ``obs`` split column).
     progress
         Show a progress bar.
     copy
         Return a copy instead of writing to ``adata`` (not for a backed ``adata``).
+    **overrides
+        Fields of :class:`~sctranscoder.core.training.TrainingConfig`.
 
     Returns
     -------
@@ -154,17 +110,20 @@ def train_transcoders(
     ``adata.uns[key_added]["transcoders"]`` : dict
         Per layer (``"layer_<i>"``): ``config`` and the weights ``W_enc`` (features x d_in),
         ``b_enc``, ``W_dec`` (features x d_out), ``b_dec`` (and ``W_skip``), float32 arrays.
+        With ``weights_dir``, instead ``adata.uns[key_added]["weights"]``: ``path``,
+        ``manifest_sha256`` and ``n_bytes``.
     ``adata.uns[key_added]["params"]`` : dict
-        The training parameters, trained layers, tokens seen (over all ranks), ``world_size``
-        (number of data-parallel ranks, 1 without ``torch.distributed``) and ``device`` (rank
-        0's).
+        ``config`` (the :class:`TrainingConfig`, ``to_dict()``), and the run: ``layers``,
+        ``lr`` (the learning rate used), ``tokens_seen`` (over all ranks), ``steps``,
+        ``train_seconds``, ``sentence_key``, ``world_size`` (data-parallel ranks, 1 without
+        ``torch.distributed``) and ``device`` (rank 0's).
     ``adata.uns[key_added]["model"]`` : dict
         Base model name, fingerprint (checked whenever the transcoders are used), architecture
         and prompt settings.
     ``adata.uns[key_added]["metrics"]["layers"]`` : :class:`pandas.DataFrame`
         Per layer on the validation cells: ``fvu`` (fraction of variance unexplained), ``l0``
         (mean active features per token), ``dead_fraction`` (features that never fire),
-        ``train_dead_fraction`` (not fired in the last ``n_tokens // 10`` training tokens),
+        ``train_dead_fraction`` (not fired in the last ``dead_tokens`` training tokens),
         ``n_tokens``.
     ``adata.uns[key_added]["metrics"]["model"]`` : dict
         On the validation cells, next-token cross-entropy of the original model
@@ -175,86 +134,86 @@ def train_transcoders(
     ``adata.obs[f"{key_added}_split"]`` : categorical
         ``"train"`` or ``"validation"``.
     """
-    if not 0 < validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
-    if copy and adata.isbacked:
+    config = (config or TrainingConfig()).replace(**overrides)
+    check_key(key_added)
+    check_copy_backed(adata, copy)
+    if weights_dir is not None and Path(weights_dir).exists():
+        raise FileExistsError(f"weights_dir {weights_dir} exists: choose a new directory.")
+    if config.batch_size % dist.world_size():
         raise ValueError(
-            "copy=True would load the backed matrix into memory. Use copy=False (a backed "
-            "AnnData holds obs and uns in memory; save them with `adata.write_h5ad(new_path)`), "
-            "or call `adata.to_memory()` first."
+            f"batch_size ({config.batch_size}) must be a multiple of the number of ranks "
+            f"({dist.world_size()}): it is the global batch, split evenly over the ranks."
         )
-    n_ranks = dist.world_size()
-    if batch_size % n_ranks:
-        raise ValueError(
-            f"batch_size ({batch_size}) must be a multiple of the number of ranks ({n_ranks}): "
-            "it is the global batch, split evenly over the ranks."
-        )
-    if model is None:
-        from ..datasets import tiny_c2s
-
-        model = tiny_c2s()
-    elif not isinstance(model, C2SModel):
-        model = load_model(model)
-    sentences = gene_lists(adata, sentence_key, n_genes=model.settings.n_genes)
-    n_model_layers = model.n_layers
-    layers = list(range(n_model_layers)) if layers is None else sorted({int(x) for x in layers})
-    bad = [x for x in layers if not 0 <= x < n_model_layers]
-    if bad:
-        raise ValueError(
-            f"Layers {bad} do not exist: the model has MLP layers 0..{n_model_layers - 1}."
-        )
-    n_cells = adata.n_obs
-    n_val = max(1, round(validation_fraction * n_cells))
-    if n_cells - n_val < 1:
-        raise ValueError(f"Need at least 2 cells to train and validate, got {n_cells}.")
-    config = TrainingConfig(
-        activation=activation,
-        expansion_factor=expansion_factor,
-        k=k,
-        skip=skip,
-        l1_coefficient=l1_coefficient,
-        lr=lr,
-        batch_size=batch_size,
-        n_tokens=n_tokens,
-        seed=seed,
-        autocast=autocast,
-        compile=compile,
-    )
-    if device is None:
-        device = _default_device()
+    model = model_or_default(model)
+    layers = check_layers(layers, model.n_layers)
+    cells = sentences(adata, sentence_key, n_genes=model.settings.n_genes)
+    is_val = split_cells(adata.n_obs, config.validation_fraction, config.seed)
+    device = device or dist.default_device()
     if device is not None:
         model.model.to(device)
-    dev = model.device
 
-    rng = np.random.default_rng(seed)
-    is_val = np.zeros(n_cells, dtype=bool)
-    is_val[rng.choice(n_cells, size=n_val, replace=False)] = True
+    start = logg.info(f"training transcoders on {int((~is_val).sum())} cells")
+    tset, run = _train_and_evaluate(model, cells, is_val, layers, config, progress)
+    run["sentence_key"] = sentence_key
+    link = None
+    if weights_dir is not None:  # rank 0 writes; every rank records rank 0's checksum
+        if dist.rank() == 0:
+            link = manifest_sha256(tset.save(weights_dir))
+        link = dist.broadcast_object(link, model.device)
+    if weights_dir is None and tset.n_bytes > EMBED_LIMIT_BYTES:
+        logg.warning(
+            f"the transcoders hold {tset.n_bytes / 2**30:.1f} GiB of weights, all stored in "
+            "adata.uns: pass weights_dir= to keep them in a directory beside the .h5ad"
+        )
+    if copy:
+        adata = adata.copy()
+    write_transcoders(
+        adata,
+        key_added,
+        tset,
+        params={"config": config.to_dict(), **run},
+        weights_dir=weights_dir,
+        manifest=link,
+    )
+    split = Key.split(key_added)
+    adata.obs[split] = pd.Categorical(
+        np.where(is_val, "validation", "train"), categories=["train", "validation"]
+    )
+    scores = tset.metrics["model"]
+    logg.info(
+        f"    finished: mean FVU {np.mean(tset.metrics['layers']['fvu']):.3f}, mean L0 "
+        f"{np.mean(tset.metrics['layers']['l0']):.1f}, CE recovered {scores['ce_recovered']:.3f}",
+        time=start,
+        deep=f"added\n    {key_added!r}, transcoders, params, model, metrics (adata.uns)\n"
+        f"    {split!r}, train/validation split (adata.obs)",
+    )
+    return adata if copy else None
+
+
+def _train_and_evaluate(
+    model: C2SModel,
+    cells: list[list[str]],
+    is_val: np.ndarray,
+    layers: list[int],
+    config: TrainingConfig,
+    progress: bool,
+) -> tuple[TranscoderSet, dict]:
+    """Train on this rank's share of the training cells, evaluate on every validation cell.
+
+    Every rank evaluates all validation cells (no collective while some ranks work and others
+    wait), then rank 0's numbers are broadcast, so that every rank stores the same record.
+    """
     train_cells, val_cells = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-
-    # Data parallel: the split above is the same on every rank; each rank streams its own shard.
     rank_cells = np.asarray(dist.shard(train_cells))
     if rank_cells.size == 0:
         raise ValueError(
-            f"{train_cells.size} training cells cannot be shared by {n_ranks} ranks: use more "
-            "cells or fewer ranks."
+            f"{train_cells.size} training cells cannot be shared by {dist.world_size()} ranks: "
+            "use more cells or fewer ranks."
         )
-
-    start = time.perf_counter()
-    if n_ranks > 1:
-        logger.info(
-            "training transcoders on %d cells (%d for validation), %d ranks (%d cells on rank %d)",
-            train_cells.size,
-            n_val,
-            n_ranks,
-            rank_cells.size,
-            dist.rank(),
-        )
-    else:
-        logger.info("training transcoders on %d cells (%d for validation)", train_cells.size, n_val)
+    dev, d = model.device, model.d_model
     stream = prompt_batches(
-        model, sentences, rank_cells, batch_size=prompt_batch_size, seed=seed, repeat=True
+        model, cells, rank_cells, batch_size=config.prompt_batch_size, seed=config.seed, repeat=True
     )
-    d = model.d_model
     transcoders, log = _train(
         model.model,
         stream,
@@ -265,24 +224,23 @@ def train_transcoders(
         device=dev,
         progress=progress,
     )
-    train_seconds = time.perf_counter() - start
 
     def val_stream():
         return prompt_batches(
-            model, sentences, val_cells, batch_size=prompt_batch_size, seed=None, repeat=False
+            model, cells, val_cells, batch_size=config.prompt_batch_size, seed=None, repeat=False
         )
 
-    # Not sharded: every rank evaluates all validation cells (no collective while some ranks
-    # work and others wait), then rank 0's numbers are broadcast so that every rank stores the
-    # same record, bit for bit.
     per_layer = layer_metrics(model.model, transcoders, val_stream(), device=dev)
     whole = replacement_metrics(model.model, transcoders, val_stream(), device=dev)
-    whole["prediction_agreement"] = _prediction_agreement(model, transcoders, sentences, val_cells)
-    per_layer, whole, train_dead, tokens_seen, steps, train_seconds, dev_name = _from_rank0(
-        (per_layer, whole, log.dead_fraction, log.tokens, log.steps, train_seconds, str(dev)), dev
+    whole["prediction_agreement"] = prediction_agreement(
+        model, transcoders, [cells[i] for i in val_cells]
     )
-    metrics_df = pd.DataFrame(
-        {
+    facts = (per_layer, whole, log.dead_fraction, log.tokens, log.steps, log.seconds, str(dev))
+    per_layer, whole, train_dead, tokens, steps, seconds, dev_name = dist.broadcast_object(
+        facts, dev
+    )
+    metrics = {
+        "layers": {
             "layer": layers,
             "fvu": [per_layer[x]["fvu"] for x in layers],
             "l0": [per_layer[x]["l0"] for x in layers],
@@ -290,80 +248,18 @@ def train_transcoders(
             "train_dead_fraction": [train_dead[x] for x in layers],
             "n_tokens": [int(per_layer[x]["n_tokens"]) for x in layers],
         },
-        index=[Key.layer(x) for x in layers],
-    )
-
-    params = {k: v for k, v in config.to_dict().items() if v is not None}
-    params.update(
-        layers=np.asarray(layers, dtype=np.int64),
-        lr=float(config.learning_rate(expansion_factor * d)),
-        tokens_seen=int(tokens_seen),
-        steps=int(steps),
-        prompt_batch_size=int(prompt_batch_size),
-        validation_fraction=float(validation_fraction),
-        sentence_key=sentence_key,
-        train_seconds=float(train_seconds),
-        device=dev_name,
-        world_size=int(n_ranks),
-    )
-    record = {
-        "params": params,
-        "model": model_record(model),
-        "transcoders": transcoders_to_uns(transcoders),
-        "metrics": {"layers": metrics_df, "model": {k: float(v) for k, v in whole.items()}},
+        "model": {k: float(v) for k, v in whole.items()},
     }
-    split = pd.Categorical(
-        np.where(is_val, "validation", "train"), categories=["train", "validation"]
+    run = {
+        "layers": np.asarray(layers, dtype=np.int64),
+        "lr": float(config.learning_rate(config.expansion_factor * d)),
+        "tokens_seen": int(tokens),
+        "steps": int(steps),
+        "train_seconds": float(seconds),
+        "device": dev_name,
+        "world_size": int(dist.world_size()),
+    }
+    tset = TranscoderSet(
+        transcoders, model=model.record(), config=config, run=dict(run), metrics=metrics
     )
-
-    if copy:
-        adata = adata.copy()
-    adata.uns[key_added] = record
-    adata.obs[f"{key_added}_split"] = split
-    logger.info(
-        "trained %d transcoders in %.0fs: mean FVU %.3f, mean L0 %.1f, CE recovered %.3f\n"
-        "    added 'transcoders', 'params', 'model', 'metrics' (adata.uns[%r]) and %r (adata.obs)",
-        len(layers),
-        train_seconds,
-        metrics_df["fvu"].mean(),
-        metrics_df["l0"].mean(),
-        whole["ce_recovered"],
-        key_added,
-        f"{key_added}_split",
-    )
-    return adata if copy else None
-
-
-def _default_device() -> str | None:
-    """``cuda:<LOCAL_RANK>`` in data-parallel training with CUDA, else ``None`` (keep the model's)."""
-    if not dist.is_distributed() or not torch.cuda.is_available():
-        return None
-    local_rank = int(os.environ.get("LOCAL_RANK", dist.rank()))
-    return f"cuda:{local_rank % torch.cuda.device_count()}"
-
-
-def _from_rank0(obj, device: torch.device):
-    """``obj`` as rank 0 has it (a small picklable object); ``obj`` itself without ranks."""
-    if not dist.is_distributed():
-        return obj
-    import torch.distributed as tdist
-
-    box = [obj]
-    # NCCL moves the pickled object through the rank's GPU; gloo through the CPU.
-    tdist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    return box[0]
-
-
-@torch.no_grad()
-def _prediction_agreement(model: C2SModel, transcoders, sentences, cells: np.ndarray) -> float:
-    """Fraction of cells whose greedy answer is the same with every MLP replaced."""
-    hooks = replacement_hooks(transcoders)
-    same, total = 0, 0
-    for start in range(0, len(cells), 32):
-        batch = model.tokenize([sentences[i] for i in cells[start : start + 32]])
-        original = greedy_answers(model, batch, max_new_tokens=24)
-        with replace_mlp_outputs(model.model, hooks):
-            replaced = greedy_answers(model, batch, max_new_tokens=24)
-        same += sum(a == b for a, b in zip(original, replaced, strict=True))
-        total += len(original)
-    return same / max(total, 1)
+    return tset, run

@@ -1,0 +1,324 @@
+"""The trainer: transcoders for every chosen layer, trained together from one stream of tokens.
+
+The model reads a stream of prompt batches; forward hooks collect each layer's MLP input and
+output at the real (non-padding) tokens into a bounded shuffle buffer (:mod:`.buffer`); the
+buffer is cut into token batches on which all layers' transcoders take one optimiser step
+together (:class:`Trainer`). Nothing is cached to disk. Torch only.
+
+Speed: the TopK encoder's backward touches only the ``k`` selected features per token
+(:func:`~sctranscoder.core.transcoder.topk_encode`), decoding gathers ``k`` decoder rows
+(``embedding_bag``), the loss curves stay on the device and are copied to the host every
+:data:`LOG_EVERY` steps, and optionally the model runs under autocast (``bf16``/``fp16``) and the
+per-layer loss is compiled. With ``TrainingConfig(profile=True)`` the seconds spent in each phase
+are recorded (:data:`~.timer.TIMING_KEYS`). Under ``torch.distributed`` every rank trains on its
+own tokens and all ranks keep identical transcoders (see :func:`train_transcoders`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed as dist
+from ..transcoder import Transcoder, TranscoderConfig
+from .buffer import LayerTensors, ShuffleBuffer, TokenBatch, buffer_tokens, harvest
+from .losses import LayerLossFunction, initialise_from_data, remove_parallel_grad
+from .timer import Timer
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from .config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+#: Steps between copies of the loss curves from the device to the host.
+LOG_EVERY = 32
+
+
+@dataclass
+class TrainingLog:
+    """What happened in training, per layer: loss curve (per step), dead fraction at the end.
+
+    ``tokens`` counts tokens over all ranks; ``seconds`` is the wall time of training and
+    ``timings`` (only with ``TrainingConfig(profile=True)``) its split by phase
+    (:data:`~.timer.TIMING_KEYS`), which adds up to ``seconds``.
+    """
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    loss: dict[int, list[float]] = field(default_factory=dict)
+    fvu: dict[int, list[float]] = field(default_factory=dict)
+    dead_fraction: dict[int, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Transcoders of ``layers`` and their optimiser: initialised from the first batch, then one
+    :meth:`step` per batch for all layers together; :meth:`flush` copies the loss curves to the
+    host (every :data:`LOG_EVERY` steps, in one transfer).
+
+    Under ``torch.distributed`` this rank takes ``config.batch_size // world_size`` tokens a step;
+    the transcoders are broadcast from rank 0 after initialisation and the gradients and firing
+    counts are averaged over ranks every step, so all ranks stay identical.
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        layers: Sequence[int],
+        *,
+        d_in: int,
+        d_out: int,
+        device: torch.device,
+        timer: Timer | None = None,
+    ):
+        n_ranks = dist.world_size()
+        if config.batch_size % n_ranks:
+            raise ValueError(
+                f"batch_size ({config.batch_size}) is the global batch and must be divisible by "
+                f"the number of ranks ({n_ranks})."
+            )
+        self.config = config
+        self.layers = [int(layer) for layer in layers]
+        self.device = torch.device(device)
+        self.batch = config.batch_size // n_ranks  # this rank's tokens a step
+        self.timer = timer or Timer(config.profile, self.device)
+        gen = torch.Generator().manual_seed(config.seed)
+        self.transcoder_config = TranscoderConfig(
+            d_in=d_in,
+            d_out=d_out,
+            n_features=config.expansion_factor * d_in,
+            activation=config.activation,
+            k=config.k,
+            skip=config.skip,
+        )
+        n_features = self.transcoder_config.n_features
+        self.transcoders = {
+            layer: Transcoder(self.transcoder_config, generator=gen).to(self.device)
+            for layer in self.layers
+        }
+        self.params = [p for tc in self.transcoders.values() for p in tc.parameters()]
+        self.lr = config.learning_rate(n_features)
+        # one fused kernel for all parameters on CUDA (the same update, in fewer passes)
+        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, fused=self.device.type == "cuda")
+        self.dead_tokens = (
+            config.dead_tokens if config.dead_tokens is not None else config.n_tokens // 10
+        )
+        self.k_aux = min(d_out // 2, n_features)
+        self.since_fired = {
+            layer: torch.zeros(n_features, dtype=torch.long, device=self.device)
+            for layer in self.layers
+        }
+        self.loss_fn = LayerLossFunction(config, self.device, self.timer)
+        self.log = TrainingLog(
+            loss={la: [] for la in self.layers}, fvu={la: [] for la in self.layers}
+        )
+        self.initialised = False
+        # per step, its losses then FVUs (one entry per layer each), still on the device
+        self._pending: list[torch.Tensor] = []
+        # off the CPU: whether each layer had dead features at the last flush (AuxK runs only
+        # then; a feature that dies between flushes gets AuxK at most LOG_EVERY steps late)
+        self._any_dead = dict.fromkeys(self.layers, True)
+
+    def initialise(self, X: LayerTensors, Y: LayerTensors) -> None:
+        """Initialise every layer from the first batch of its tokens, then broadcast rank 0's."""
+        with self.timer("other"):
+            for layer, tc in self.transcoders.items():
+                initialise_from_data(tc, X[layer][: self.batch], Y[layer][: self.batch])
+        with self.timer("communication"):
+            for tc in self.transcoders.values():
+                dist.broadcast_module(tc)
+        self.initialised = True
+
+    def _dead_mask(self, layer: int, may_be_dead: bool) -> torch.Tensor | None:
+        """Dead features of ``layer`` for AuxK, or None when AuxK can be skipped."""
+        if not may_be_dead:
+            return None
+        dead = self.since_fired[layer] > self.dead_tokens
+        # on the CPU looking is free; elsewhere (no host sync in the loop) AuxK runs while the
+        # last flush saw dead features, gated on the device
+        if self.device.type == "cpu":
+            return dead if bool(dead.any()) else None
+        return dead if self._any_dead[layer] else None
+
+    def step(self, X: LayerTensors, Y: LayerTensors, rows: torch.Tensor) -> None:
+        """One optimiser step of every layer on the tokens ``rows`` of ``X`` and ``Y``."""
+        cfg = self.config
+        # no feature can be dead before dead_tokens tokens: skip AuxK without looking
+        may_be_dead = cfg.auxk_alpha > 0 and self.log.tokens > self.dead_tokens
+        losses, fvus, fired = [], [], []
+        for layer, tc in self.transcoders.items():
+            with self.timer("other"):
+                x, y = X[layer][rows], Y[layer][rows]
+            dead = self._dead_mask(layer, may_be_dead)
+            loss, fvu, f = self.loss_fn(tc, x, y, dead, self.k_aux)
+            losses.append(loss)
+            fvus.append(fvu)
+            fired.append(f)
+        with self.timer("optimizer"):
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.timer("backward"):
+            torch.stack(losses).sum().backward()
+        with self.timer("communication"):
+            _all_reduce_step(self.params, fired)
+        self._update()
+        with self.timer("other"):
+            for layer, f in zip(self.layers, fired, strict=True):
+                self.since_fired[layer].add_(cfg.batch_size).masked_fill_(f > 0, 0)
+            self._pending.append(torch.stack(losses + fvus).detach())
+        self.log.steps += 1
+        self.log.tokens += cfg.batch_size
+        if self.log.steps % LOG_EVERY == 0:
+            self.flush()
+
+    def _update(self) -> None:
+        """Adam step; ReLU transcoders keep unit-norm decoder rows."""
+        unit_decoder = self.config.activation != "topk"
+        with self.timer("optimizer"):
+            if unit_decoder:
+                for tc in self.transcoders.values():
+                    remove_parallel_grad(tc)
+            self.optimizer.step()
+            if unit_decoder:
+                for tc in self.transcoders.values():
+                    tc.normalize_decoder()
+
+    def flush(self) -> None:
+        """Copy the pending loss curves (and the dead flags) to the host in one transfer."""
+        if not self._pending:
+            return
+        block = torch.stack(self._pending)
+        with self.timer("communication"):
+            dist.all_reduce_([block], "sum", mean=True)
+        n = len(self.layers)
+        flags = torch.stack([(self.since_fired[la] > self.dead_tokens).any() for la in self.layers])
+        host = torch.cat([block.reshape(-1), flags.to(block.dtype)]).cpu()
+        for row in host[: block.numel()].reshape(block.shape).tolist():
+            for j, layer in enumerate(self.layers):
+                self.log.loss[layer].append(row[j])
+                self.log.fvu[layer].append(row[n + j])
+        for layer, flag in zip(self.layers, host[block.numel() :].tolist(), strict=True):
+            self._any_dead[layer] = bool(flag)
+        self._pending.clear()
+
+    def mean_fvu(self) -> float:
+        """Mean over layers of the last flushed FVU."""
+        return sum(self.log.fvu[la][-1] for la in self.layers) / len(self.layers)
+
+    def finish(self, seconds: float) -> tuple[dict[int, Transcoder], TrainingLog]:
+        """Flush, freeze the transcoders and complete the log (``seconds`` of wall time)."""
+        self.flush()
+        for layer, tc in self.transcoders.items():
+            self.log.dead_fraction[layer] = float(
+                (self.since_fired[layer] > self.dead_tokens).float().mean()
+            )
+            tc.eval()
+            tc.requires_grad_(False)
+        self.log.seconds = seconds
+        if self.config.profile:
+            self.log.timings = self.timer.split(seconds)
+        return self.transcoders, self.log
+
+
+def _all_reduce_step(params: list[nn.Parameter], fired: list[torch.Tensor]) -> None:
+    """Average gradients and fired counts over ranks, in one collective (no-op alone).
+
+    Every rank then agrees on which features fired, hence on which are dead. Missing gradients
+    are zero-filled first so that every rank reduces the same tensors.
+    """
+    if not dist.is_distributed():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    dist.all_reduce_([*(p.grad for p in params), *fired], "sum", mean=True)
+
+
+def train_transcoders(
+    model: nn.Module,
+    batches: Iterable[TokenBatch],
+    *,
+    layers: Sequence[int],
+    config: TrainingConfig,
+    d_in: int,
+    d_out: int,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, Transcoder], TrainingLog]:
+    """Train one transcoder per layer in ``layers`` on the prompts in ``batches``.
+
+    Under ``torch.distributed`` (see :mod:`sctranscoder.core.distributed`) every rank passes its
+    own shard of the prompts and takes ``config.batch_size // world_size`` tokens a step; the
+    transcoders are broadcast from rank 0 after initialisation, gradients and the dead-feature
+    counts are all-reduced every step, so all ranks take the same steps and end with identical
+    transcoders (and identical logs). Single-process, nothing of this happens.
+
+    Parameters
+    ----------
+    model
+        A frozen causal LM (see :func:`sctranscoder.core.model.mlp_modules` for layouts).
+    batches
+        ``(input_ids, attention_mask)`` prompt batches; iterated until ``config.n_tokens`` tokens
+        have been used, so pass an endless (e.g. epoch-cycling, shuffled) iterator.
+    layers
+        MLP layers to train transcoders for.
+    config
+        Hyper-parameters.
+    d_in, d_out
+        Width of the MLP input and output.
+    device
+        Device of the model and transcoders (default: the model's).
+    progress
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    The transcoders by layer, and a :class:`TrainingLog`.
+    """
+    t_start = time.perf_counter()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    trainer = Trainer(config, layers, d_in=d_in, d_out=d_out, device=device)
+    logger.info(
+        "training %d transcoders (%s, %d features, lr %.2e) on %d tokens each",
+        len(trainer.layers),
+        config.activation,
+        trainer.transcoder_config.n_features,
+        trainer.lr,
+        config.n_tokens,
+    )
+    buffer = ShuffleBuffer(
+        harvest(model, batches, trainer.layers, device=device, autocast=config.autocast),
+        trainer.layers,
+        capacity=buffer_tokens(config, len(trainer.layers), d_in, d_out, trainer.batch),
+        batch=trainer.batch,
+        # each rank shuffles its own tokens its own way
+        generator=torch.Generator(device="cpu").manual_seed(config.seed + 1 + dist.rank()),
+        device=device,
+        timer=trainer.timer,
+    )
+    bar = tqdm(total=config.n_tokens, unit="tok", desc="transcoders", disable=not progress)
+    try:
+        while trainer.log.tokens < config.n_tokens:
+            X, Y, rounds = buffer.next_round()
+            if not trainer.initialised:
+                trainer.initialise(X, Y)
+            for rows in rounds:
+                if trainer.log.tokens >= config.n_tokens:
+                    break
+                trainer.step(X, Y, rows)
+                bar.update(config.batch_size)
+                if trainer.log.steps % LOG_EVERY == 0:
+                    bar.set_postfix(fvu=f"{trainer.mean_fvu():.3f}")
+            del X, Y
+    finally:
+        bar.close()
+        buffer.close()
+    return trainer.finish(time.perf_counter() - t_start)

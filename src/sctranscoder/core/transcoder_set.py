@@ -1,0 +1,439 @@
+"""A set of transcoders, one per MLP layer of one base model: the unit that is trained, saved,
+loaded, moved to a device and used by every tool. Torch only.
+
+On disk a set is a directory::
+
+    config.json          format, layers with their shapes, base-model record, training config,
+                         metrics
+    layer_<i>.safetensors  the weights of layer i (W_enc, b_enc, W_dec, b_dec[, W_skip])
+    manifest.json        every other file with its size and sha256
+
+Loading checks the manifest first (every file listed is present with its size and checksum,
+nothing else is there), then the config; file names come from the manifest's fixed pattern, never
+from file contents. A directory is written to a temporary sibling and renamed into place, so an
+interrupted save leaves the previous directory as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .training.config import TrainingConfig
+from .transcoder import Transcoder, TranscoderConfig
+
+#: ``format`` of ``config.json`` written now, and the one of sctranscoder 0.1 (no manifest).
+FORMAT = "sctranscoder.transcoders/2"
+LEGACY_FORMAT = "sctranscoder.transcoders/1"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+_LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
+
+
+def layer_file(layer: int) -> str:
+    """File name of a layer's weights inside a transcoder directory."""
+    return f"layer_{int(layer)}.safetensors"
+
+
+class TranscoderDirectoryError(ValueError):
+    """A transcoder directory is missing, incomplete, changed or not one at all."""
+
+
+@dataclass(eq=False)
+class TranscoderSet(Mapping[int, Transcoder]):
+    """Transcoders of one base model, by layer, with everything needed to use and trust them.
+
+    Attributes
+    ----------
+    transcoders
+        One :class:`~sctranscoder.core.transcoder.Transcoder` per MLP layer.
+    model
+        The base model's record: ``name``, ``fingerprint`` (checked whenever the transcoders
+        are used, see :meth:`check_model`), ``architecture``, widths and prompt settings.
+    config
+        The :class:`~sctranscoder.core.training.TrainingConfig` they were trained with (None for
+        transcoders made elsewhere).
+    run
+        Facts of the training run: tokens seen, steps, seconds, device, ranks, sentence key.
+    metrics
+        ``{"layers": {column: [value per layer]}, "model": {score: value}}``.
+    """
+
+    transcoders: dict[int, Transcoder]
+    model: dict[str, Any] = field(default_factory=dict)
+    config: TrainingConfig | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.transcoders:
+            raise ValueError("A transcoder set needs at least one layer.")
+        bad = [
+            k
+            for k in self.transcoders
+            if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0
+        ]
+        if bad:
+            raise ValueError(f"Layers must be non-negative integers, got {bad}.")
+        self.transcoders = {int(k): v for k, v in sorted(self.transcoders.items())}
+
+    def __repr__(self) -> str:
+        c = next(iter(self.transcoders.values())).config
+        return (
+            f"TranscoderSet({len(self)} layers {self.layers}, {c.activation} k={c.k}, "
+            f"{c.n_features} features of {c.d_in}, model {self.model.get('name', '?')!r})"
+        )
+
+    # -- a mapping of layers --------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """The layers, ascending."""
+        return list(self.transcoders)
+
+    def __getitem__(self, layer: int) -> Transcoder:
+        try:
+            return self.transcoders[int(layer)]
+        except KeyError:
+            raise KeyError(
+                f"No transcoder for layer {layer}; this set has layers {self.layers}."
+            ) from None
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.transcoders
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.transcoders)
+
+    def __len__(self) -> int:
+        return len(self.transcoders)
+
+    def subset(self, layers: list[int]) -> TranscoderSet:
+        """The same set restricted to ``layers`` (modules shared, not copied)."""
+        missing = [la for la in layers if la not in self.transcoders]
+        if missing:
+            raise KeyError(
+                f"No transcoder for layer(s) {missing}; this set has layers {self.layers}. "
+                "Train them with `sct.tl.train_transcoders(adata, model, layers=...)`."
+            )
+        return TranscoderSet(
+            {la: self.transcoders[la] for la in layers},
+            self.model,
+            self.config,
+            self.run,
+            self.metrics,
+        )
+
+    # -- device and size --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return next(iter(self.transcoders.values())).W_enc.device
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes of all weights."""
+        return sum(
+            t.numel() * t.element_size()
+            for tc in self.transcoders.values()
+            for t in tc.state_arrays().values()
+        )
+
+    def to(self, device: torch.device | str) -> TranscoderSet:
+        """The set on ``device``: ``self`` when already there, else a moved copy."""
+        device = torch.device(device)
+        if _same_device(self.device, device):
+            return self
+        moved = {
+            layer: Transcoder.from_tensors(
+                tc.config, {k: t.to(device) for k, t in tc.state_arrays().items()}, copy=False
+            )
+            for layer, tc in self.transcoders.items()
+        }
+        return TranscoderSet(moved, self.model, self.config, self.run, self.metrics)
+
+    # -- identity -------------------------------------------------------------------------------
+    def check_model(self, fingerprint: str, name: str = "") -> None:
+        """Refuse a base model whose fingerprint is not the one these transcoders were trained on."""
+        expected = str(self.model.get("fingerprint", ""))
+        if expected and fingerprint != expected:
+            raise ValueError(
+                f"These transcoders were trained on model {self.model.get('name', '?')!r} "
+                f"(fingerprint {expected}), but the model given is {name!r} (fingerprint "
+                f"{fingerprint}): its config or weights differ. Pass the model the transcoders "
+                "were trained on, or train new ones."
+            )
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the set to directory ``path`` (see the module docstring); returns the path.
+
+        Atomic: files go to a temporary sibling, which is renamed to ``path`` once complete; with
+        ``overwrite=True`` an existing set at ``path`` is replaced only then. An existing
+        ``path`` is refused otherwise.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{path} exists: pass overwrite=True to replace it, or choose a new directory."
+            )
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a directory.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            for layer, tc in self.transcoders.items():
+                tensors = {
+                    k: t.detach().to("cpu", torch.float32).contiguous()
+                    for k, t in tc.state_arrays().items()
+                }
+                save_file(tensors, str(tmp / layer_file(layer)))
+            (tmp / CONFIG_FILE).write_text(
+                json.dumps(self._config_doc(), indent=2, default=_json_default) + "\n"
+            )
+            names = [CONFIG_FILE, *(layer_file(la) for la in self.layers)]
+            manifest = {
+                "format": "sctranscoder.manifest/1",
+                "files": {n: _file_entry(tmp / n) for n in names},
+            }
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            _fsync_dir(tmp)
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _config_doc(self) -> dict:
+        return {
+            "format": FORMAT,
+            "layers": {str(la): tc.config.to_dict() for la, tc in self.transcoders.items()},
+            "model": self.model,
+            "config": None if self.config is None else self.config.to_dict(),
+            "run": self.run,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> TranscoderSet:
+        """Read a set written by :meth:`save` (or by sctranscoder 0.1's ``save_transcoders``).
+
+        Parameters
+        ----------
+        path
+            The directory.
+        verify
+            Check every file's sha256 against the manifest (else only names and sizes); about a
+            second per GB.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise TranscoderDirectoryError(
+                f"{path} is not a directory of transcoders (it does not exist or is a file)."
+            )
+        files = read_manifest(path, verify=verify)
+        doc = _read_json(path / CONFIG_FILE)
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        if fmt not in (FORMAT, LEGACY_FORMAT):
+            raise TranscoderDirectoryError(
+                f"{path / CONFIG_FILE} is not an sctranscoder transcoder config (format {fmt!r})."
+            )
+        if fmt == FORMAT and files is None:
+            raise TranscoderDirectoryError(f"{path / MANIFEST_FILE} is missing.")
+        layers = _layer_configs(doc, path)
+        expected = {layer_file(la) for la in layers}
+        if files is not None and set(files) - {CONFIG_FILE} != expected:
+            raise TranscoderDirectoryError(
+                f"{path}: the manifest lists {sorted(set(files) - {CONFIG_FILE})} but "
+                f"{CONFIG_FILE} has layers {sorted(layers)}."
+            )
+        transcoders = {la: _read_layer(path / layer_file(la), cfg) for la, cfg in layers.items()}
+        if fmt == LEGACY_FORMAT:
+            meta = doc.get("metadata", {})
+            params = dict(meta.get("params", {}))
+            config = _legacy_config(params)
+            return cls(
+                transcoders,
+                dict(meta.get("model", {})),
+                config,
+                params,
+                dict(meta.get("metrics", {})),
+            )
+        config = None if doc.get("config") is None else TrainingConfig.from_dict(doc["config"])
+        return cls(
+            transcoders,
+            dict(doc.get("model") or {}),
+            config,
+            dict(doc.get("run") or {}),
+            dict(doc.get("metrics") or {}),
+        )
+
+
+def manifest_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a directory's ``manifest.json``: it identifies the whole directory's content."""
+    return hashlib.sha256((Path(path) / MANIFEST_FILE).read_bytes()).hexdigest()
+
+
+def read_manifest(path: Path, *, verify: bool) -> dict[str, dict] | None:
+    """The files of a transcoder directory by its manifest, checked; None for a legacy directory.
+
+    Every listed file must be present with its size (and, with ``verify``, its sha256) and no
+    other file may be there. Names must be ``config.json`` or ``layer_<i>.safetensors``.
+    """
+    manifest = path / MANIFEST_FILE
+    if not manifest.exists():
+        return None
+    doc = _read_json(manifest)
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise TranscoderDirectoryError(f"{manifest} lists no files.")
+    for name, entry in files.items():
+        if name != CONFIG_FILE and not _LAYER_FILE.fullmatch(str(name)):
+            raise TranscoderDirectoryError(f"{manifest} lists an unexpected file name {name!r}.")
+        if not isinstance(entry, dict) or not {"bytes", "sha256"} <= set(entry):
+            raise TranscoderDirectoryError(f"{manifest}: the entry of {name!r} is incomplete.")
+    present = {p.name for p in path.iterdir()} - {MANIFEST_FILE}
+    missing, unknown = sorted(set(files) - present), sorted(present - set(files))
+    if missing or unknown:
+        raise TranscoderDirectoryError(
+            f"{path} does not match its manifest: missing {missing}, unknown {unknown}. "
+            "Save the transcoders again, or restore the directory."
+        )
+    for name, entry in files.items():
+        f = path / name
+        if f.stat().st_size != int(entry["bytes"]):
+            raise TranscoderDirectoryError(
+                f"{f} has {f.stat().st_size} bytes, the manifest says {entry['bytes']}: the file "
+                "is truncated or was changed."
+            )
+        if verify and _sha256(f) != entry["sha256"]:
+            raise TranscoderDirectoryError(
+                f"{f} does not match the sha256 in {manifest}: the file was changed or damaged."
+            )
+    return files
+
+
+def _layer_configs(doc: dict, path: Path) -> dict[int, TranscoderConfig]:
+    raw = doc.get("layers")
+    if not isinstance(raw, dict) or not raw:
+        raise TranscoderDirectoryError(f"{path / CONFIG_FILE} lists no layers.")
+    out = {}
+    for name, cfg in raw.items():
+        if not re.fullmatch(r"\d+", str(name)):
+            raise TranscoderDirectoryError(
+                f"{path / CONFIG_FILE}: layer {name!r} is not a non-negative integer."
+            )
+        if not isinstance(cfg, dict):
+            raise TranscoderDirectoryError(f"{path / CONFIG_FILE}: layer {name} has no settings.")
+        try:
+            out[int(name)] = TranscoderConfig.from_dict(cfg)
+        except ValueError as err:
+            raise TranscoderDirectoryError(f"{path / CONFIG_FILE}, layer {name}: {err}") from err
+    return out
+
+
+def _read_layer(file: Path, config: TranscoderConfig) -> Transcoder:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise TranscoderDirectoryError(f"{file} is missing.")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise TranscoderDirectoryError(f"{file} cannot be read as safetensors: {err}") from err
+    try:
+        return Transcoder.from_tensors(config, tensors, copy=False)
+    except ValueError as err:
+        raise TranscoderDirectoryError(f"{file}: {err}") from err
+
+
+def _read_json(file: Path) -> Any:
+    if not file.is_file():
+        raise TranscoderDirectoryError(
+            f"{file} not found: is {file.parent} a transcoder directory?"
+        )
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TranscoderDirectoryError(
+            f"{file} is not valid JSON ({err}): it is truncated or damaged."
+        ) from err
+
+
+def _legacy_config(params: dict) -> TrainingConfig | None:
+    """The training config of a 0.1 record, whose parameters mixed config and run facts."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+    values = {k: v for k, v in params.items() if k in names}
+    try:
+        return TrainingConfig.from_dict(values)
+    except (TypeError, ValueError):
+        return None
+
+
+def _file_entry(file: Path) -> dict:
+    with open(file, "rb") as fh:
+        os.fsync(fh.fileno())
+    return {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move the complete ``tmp`` to ``path``; an old ``path`` goes only once the new one is in."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"Cannot serialise {type(o).__name__} to JSON.")

@@ -1,0 +1,102 @@
+"""sct.tl.trace_circuit on the embedded model: exact, labelled, stored in adata.uns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+
+import sctranscoder as sct
+
+
+@pytest.fixture(scope="module")
+def traced(trained_base, model):
+    """The shared transcoders, with one circuit traced towards a given label."""
+    adata = trained_base.copy()
+    cell = adata.obs_names[3]
+    sct.tl.trace_circuit(adata, cell=cell, target="CD14+ Monocyte", max_feature_nodes=96)
+    return adata, model, cell
+
+
+def test_trace_circuit_is_exact_and_labelled(traced):
+    adata, model, cell = traced
+    assert "sct_circuits" not in adata.uns  # one record per circuit, at the top of uns
+    c = adata.uns[f"circuit_{cell}"]
+    nodes = c["nodes"]
+    explored = nodes.dropna(subset=["value"])
+    assert len(explored) > 1
+    np.testing.assert_allclose(
+        explored["input_sum"] + explored["bias"], explored["value"], rtol=1e-4, atol=1e-4
+    )
+    # the target's value is the real model's logit (minus the mean), after the shared label prefix
+    t = c["params"]["target"]
+    genes = adata.obs.loc[cell, "cell_sentence"].split()[: model.settings.n_genes]
+    prompt = model.tokenize([genes]).input_ids[0]
+    prefix = model.tokenizer(t["answer_prefix"], add_special_tokens=False)["input_ids"]
+    ids = torch.cat([prompt, torch.as_tensor(prefix, dtype=torch.long)])[None]
+    logits = model.model(input_ids=ids).logits[0, -1]
+    expected = float(logits[t["token_id"]] - logits.mean())
+    assert c["scores"]["target_value"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    # labels: CD14+ Monocyte shares " CD" with other labels, so the target is "14" after " CD"
+    assert t["label"] == "CD14+ Monocyte"
+    assert t["answer_prefix"] == " CD"
+    assert t["token"] == "14"
+    # nodes at gene tokens carry the gene; the gene table covers the sentence
+    on_genes = nodes[nodes["gene"] != ""]
+    assert set(on_genes["gene"]) <= set(genes)
+    assert set(c["genes"].index) == set(genes)
+    assert (c["edges"]["source"].isin(nodes.index) & c["edges"]["target"].isin(nodes.index)).all()
+
+
+def test_circuit_round_trip_and_predicted_target(traced, tmp_path):
+    adata, model, cell = traced
+    other = adata.obs_names[10]
+    sct.tl.trace_circuit(adata, cell=other, max_feature_nodes=32, label_token="first")
+    c = adata.uns[f"circuit_{other}"]
+    assert (
+        c["params"]["target"]["label"]
+        == model.predict([adata.obs.loc[other, "cell_sentence"].split()[:100]])[0]
+    )
+    assert c["params"]["target"]["answer_prefix"] == ""
+    path = tmp_path / "c.h5ad"
+    adata.write_h5ad(path)
+    back = sc.read_h5ad(path)
+    for key in (f"circuit_{cell}", f"circuit_{other}"):
+        a, b = adata.uns[key], back.uns[key]
+        assert a["nodes"].shape == b["nodes"].shape
+        assert a["edges"].shape == b["edges"].shape
+        np.testing.assert_allclose(a["edges"]["weight"], b["edges"]["weight"])
+        assert a["scores"] == pytest.approx(b["scores"])
+
+
+def test_trace_circuit_key_added(traced):
+    adata, model, cell = traced
+    copy = sct.tl.trace_circuit(
+        adata, model, cell=cell, max_feature_nodes=8, key_added="mine", copy=True
+    )
+    assert copy.uns["mine"]["params"]["cell"] == cell
+    assert "mine" not in adata.uns
+    with pytest.raises(ValueError, match="contains '/'"):
+        sct.tl.trace_circuit(adata, model, cell=cell, key_added="a/b")
+
+
+def test_trace_circuit_bad_input(traced):
+    adata, model, cell = traced
+    with pytest.raises(KeyError, match=r"not in adata\.obs_names"):
+        sct.tl.trace_circuit(adata, cell="no-such-cell")
+    with pytest.raises(ValueError, match="cannot encode the label"):
+        sct.tl.trace_circuit(adata, cell=cell, target="   ")
+    # transcoders on some layers only: trained here, since the shared ones cover every layer
+    partial = adata[:30].copy()
+    sct.tl.train_transcoders(
+        partial, model, layers=[0, 1], n_tokens=1024, batch_size=1024, progress=False
+    )
+    with pytest.raises(KeyError, match=r"missing layer\(s\) \[2, 3\]"):
+        sct.tl.trace_circuit(partial, cell=cell)
+    untrained = sc.datasets.pbmc68k_reduced()[:5].copy()
+    sct.pp.cell_sentences(untrained, model=model)
+    with pytest.raises(KeyError, match="train_transcoders"):
+        sct.tl.trace_circuit(untrained, cell=untrained.obs_names[0])
+    with pytest.raises(ValueError, match="does not exist"):
+        sct.tl.trace_circuit(adata, cell=cell, target="L9F1")
