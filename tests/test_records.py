@@ -98,7 +98,7 @@ def test_every_record_survives_a_file(everything, tmp_path, fmt):
     ]
     for key in records:
         _assert_same(adata.uns[key], back.uns[key], key)
-    for key in ("sct_split", f"circuit_{cell}_score", f"circuit_{cell}_gene_score"):
+    for key in ("sct_split", f"circuit_{cell}_score", f"circuit_{cell}_score_genes"):
         pd.testing.assert_series_equal(back.obs[key], adata.obs[key], check_dtype=False)
     for layer in range(4):
         key = f"X_sct_L{layer}"
@@ -299,3 +299,66 @@ def test_damaged_weights_file_is_refused(linked):
     layer.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         sct.get.transcoders(adata)
+
+
+def test_a_record_written_again_is_not_served_from_the_cache(trained):
+    first = sct.get.transcoders(trained, layers=[1])
+    assert first.layers == [1]
+    # the same weights stored again (as retraining does): a new record, a new set
+    from sctranscoder._records import write_transcoders
+
+    rec = trained.uns["sct"]
+    write_transcoders(trained, "sct", sct.get.transcoders(trained), params=dict(rec["params"]))
+    assert trained.uns["sct"]["weights_id"] != rec["weights_id"]
+    again = sct.get.transcoders(trained, layers=[1])
+    assert again is not first
+    torch.testing.assert_close(again[1].W_enc, first[1].W_enc)
+
+
+def test_linked_layers_are_read_one_by_one(linked, monkeypatch):
+    adata, _ = linked
+    import safetensors.torch
+
+    read = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda f: read.append(f) or real(f))
+    assert sct.get.transcoders(adata, layers=[2]).layers == [2]
+    assert [Path(f).name for f in read] == ["layer_2.safetensors"]
+
+
+def test_load_transcoders_with_link_reads_no_weight(trained_base, tmp_path, monkeypatch):
+    path = sct.save_transcoders(trained_base, tmp_path / "tc")
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda f: pytest.fail(f"read {f}"))
+    fresh = trained_base[:5].copy()
+    sct.load_transcoders(path, fresh, link=True)
+    assert "weights" in fresh.uns["sct"]
+    assert fresh.uns["sct"]["weights"]["n_bytes"] > 0
+
+
+def test_key_added_never_replaces_a_record_of_another_kind(trained):
+    before = dict(trained.uns)
+    with pytest.raises(ValueError, match=r"holds transcoders"):
+        sct.tl.feature_activations(trained, key_added="sct", progress=False)
+    trained.uns["neighbors"] = {"params": {"method": "umap"}}
+    with pytest.raises(ValueError, match="neighbors"):
+        sct.tl.annotate_features(trained, gene_sets=MARKERS, key_added="neighbors")
+    assert set(trained.uns) == set(before) | {"neighbors"}
+    assert "transcoders" in trained.uns["sct"]
+
+
+def test_legacy_circuit_enrichment_moves_beside_it_and_taken_names_stay(legacy):
+    cell = legacy.uns["legacy_expected"]["cell"]
+    name = f"circuit_{cell}"
+    circuit = legacy.uns["sct_circuits"][name]
+    circuit["enrichment"] = pd.DataFrame({"term": ["a"], "pvalue": [0.5], "gseapy_fdr": [0.6]})
+    circuit["enrichment_params"] = {"gene_sets": "dict", "n_sets": 1}
+    legacy.uns[f"{name}_score"] = {"taken": np.arange(2)}  # a name already in use
+    sct.get.circuit(legacy, cell)  # the first reader upgrades
+    moved = legacy.uns[f"{name}_enrichment"]
+    assert list(moved["table"]["term"]) == ["a"]
+    assert moved["params"]["circuit"] == name
+    assert "enrichment" not in legacy.uns[name]
+    assert "cell_scores" in legacy.uns[name]  # its destination was taken: kept where it was
+    assert set(legacy.uns[f"{name}_score"]) == {"taken"}

@@ -100,9 +100,14 @@ class Key:
         return f"L{int(layer)}"
 
     @staticmethod
-    def circuit_scores(prefix: str) -> tuple[str, str]:
-        """``adata.obs`` columns of a circuit's feature score and gene score."""
-        return f"{prefix}_score", f"{prefix}_gene_score"
+    def circuit_score(circuit: str) -> str:
+        """Default ``adata.uns`` record and ``adata.obs`` column of a circuit's feature score."""
+        return f"{circuit}_score"
+
+    @staticmethod
+    def gene_score(score_key: str) -> str:
+        """``adata.obs`` column of the gene score written beside feature score ``score_key``."""
+        return f"{score_key}_genes"
 
 
 #: Name of feature ``j`` of layer ``i``: ``"L<i>F<j>"``.
@@ -116,7 +121,7 @@ def feature_name(layer: int, feature: int) -> str:
 
 def feature_names(layer: int, n_features: int) -> list[str]:
     """Names of every feature of a layer, in index order."""
-    return [f"L{int(layer)}F{j}" for j in range(int(n_features))]
+    return [feature_name(layer, j) for j in range(int(n_features))]
 
 
 def parse_feature_name(name: str) -> tuple[int, int]:

@@ -63,9 +63,10 @@ class GeneSets(dict):
     records their origin, not ``"dict"``.
     """
 
-    def __init__(self, sets: Mapping[str, list[str]], source: str):
+    def __init__(self, sets: Mapping[str, list[str]], source: str, *, reloadable: bool = False):
         super().__init__(sets)
         self.source = source
+        self.reloadable = reloadable
 
 
 class GeneSetsUnavailableError(ConnectionError, ValueError):
@@ -150,7 +151,7 @@ def gene_sets(
         allow_network=allow_network,
     )
     kept = _filter_sizes(raw, min_size=min_size, max_size=max_size, what=what)
-    return GeneSets(kept, source_name(source))
+    return GeneSets(kept, source_name(source), reloadable=is_reloadable(source))
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -198,6 +199,11 @@ def _load(
     )
 
 
+def clean_symbol(gene: object) -> str:
+    """How every tool compares gene symbols: stripped and upper-cased."""
+    return str(gene).strip().upper()
+
+
 def clean_genes(genes: Iterable[object]) -> list[str]:
     """Upper-case, stripped, non-empty, deduplicated symbols, in first-seen order."""
     if isinstance(genes, str):
@@ -205,7 +211,7 @@ def clean_genes(genes: Iterable[object]) -> list[str]:
             f"expected an iterable of gene symbols, got the string {genes[:40]!r}: wrap a "
             "single gene in a list"
         )
-    out = (str(g).strip().upper() for g in genes if g is not None and not _isna(g))
+    out = (clean_symbol(g) for g in genes if g is not None and not _isna(g))
     return list(dict.fromkeys(g for g in out if g))
 
 
@@ -448,6 +454,13 @@ def _filter_sizes(
             f"genes ({detail}); change min_size/max_size or the source"
         )
     return kept
+
+
+def is_reloadable(source: object) -> bool:
+    """Whether :func:`source_name` of ``source`` loads the same sets again (a name or a path)."""
+    if isinstance(source, GeneSets):
+        return source.reloadable
+    return isinstance(source, str | os.PathLike)
 
 
 def source_name(source: object) -> str:

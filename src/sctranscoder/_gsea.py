@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scanpy import logging as logg
 
-from ._genesets import GeneSetsLike, clean_genes, restrict_sets
+from ._genesets import GeneSetsLike, clean_genes, clean_symbol, restrict_sets
 from ._logging import quiet_third_party_logs
 from .core.prerank import PrerankKernel
 
@@ -67,7 +67,7 @@ def prerank(
             f"ranking must be a pandas Series gene -> score, got {type(ranking).__name__}"
         )
     rnk = ranking.dropna().astype(float)
-    rnk.index = pd.Index([str(g).strip().upper() for g in rnk.index])
+    rnk.index = pd.Index([clean_symbol(g) for g in rnk.index])
     if rnk.index.has_duplicates:
         dups = rnk.index[rnk.index.duplicated()].unique()[:5].tolist()
         raise ValueError(f"ranking has duplicated genes (after upper-casing), e.g. {dups}")
@@ -241,7 +241,7 @@ def prerank_many(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be positive, got {threads}")
-    labels = [str(g).strip().upper() for g in genes]
+    labels = [clean_symbol(g) for g in genes]
     bg = pd.Index(labels)
     if bg.empty:
         raise ValueError("genes is empty")

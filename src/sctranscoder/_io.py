@@ -16,9 +16,10 @@ from ._records import (
     check_key,
     transcoder_record,
     transcoder_set,
+    write_link,
     write_transcoders,
 )
-from .core.transcoder_set import TranscoderSet
+from .core.transcoder_set import TranscoderSet, read_info
 
 if TYPE_CHECKING:
     import os
@@ -112,20 +113,31 @@ def load_transcoders(
     ``transcoders`` (the weights) or ``weights`` (the link): see
     :func:`sctranscoder.tl.train_transcoders`.
     """
-    check_key(key_added)
-    tset = TranscoderSet.load(path)
-    if "fingerprint" not in tset.model:
+    check_key(key_added, adata=adata, kind="transcoders")
+    info = read_info(path, verify=not link)  # a link is checked when its weights are first read
+    if "fingerprint" not in info.model:
         raise ValueError(f"{path} records no base model; it was not written by sctranscoder.")
     if model is not None:
-        check_fingerprint(tset.model, model)
+        check_fingerprint(info.model, model)
     if link is None:
-        link = tset.n_bytes > EMBED_LIMIT_BYTES
-    params = dict(tset.run)
-    if tset.config is not None:
-        params["config"] = tset.config.to_dict()
-    write_transcoders(adata, key_added, tset, params=params, weights_dir=path if link else None)
+        link = info.n_bytes > EMBED_LIMIT_BYTES
+    params = dict(info.run)
+    if info.config is not None:
+        params["config"] = info.config.to_dict()
+    if link:  # no weight is read
+        write_link(
+            adata,
+            key_added,
+            path,
+            model=info.model,
+            metrics=info.metrics,
+            params=params,
+            n_bytes=info.n_bytes,
+        )
+    else:
+        write_transcoders(adata, key_added, TranscoderSet.load(path), params=params)
     logg.info(
-        f"loaded {len(tset)} transcoders from {path}",
+        f"loaded {len(info.layers)} transcoders from {path}",
         deep=f"added\n    {key_added!r}, {'a link to' if link else 'the weights of'} the "
         "transcoders (adata.uns)",
     )

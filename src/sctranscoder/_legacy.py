@@ -172,24 +172,28 @@ def params_layers(params: dict) -> list[str]:
 
 
 def _upgrade_circuit(adata: AnnData, name: str, circuit: dict) -> list[str]:
-    scores = circuit.pop("cell_scores", None)
-    enrichment = circuit.pop("enrichment", None)
-    enrichment_params = dict(circuit.pop("enrichment_params", {}))
+    """Move a 0.1 circuit to ``uns[name]``, its enrichment and cell scores beside it (where those
+    names are free; else they stay inside the circuit record).
+    """
     adata.uns[name] = circuit
     moved = [f"adata.uns['sct_circuits'][{name!r}] to {name!r}"]
     enrichment_key = Key.circuit_enrichment(name)
-    if enrichment is not None and enrichment_key not in adata.uns:
-        adata.uns[enrichment_key] = {
-            "table": pd.DataFrame(enrichment),
-            "params": {**enrichment_params, "circuit": name},
+    if "enrichment" in circuit and enrichment_key not in adata.uns:
+        adata.uns[enrichment_key] = {  # 0.1's columns, gseapy_fdr and decoupler_* included
+            "table": pd.DataFrame(circuit.pop("enrichment")),
+            "params": {**dict(circuit.pop("enrichment_params", {})), "circuit": name},
         }
         moved.append(f"its enrichment to {enrichment_key!r}")
-    score_key = Key.circuit_scores(name)[0]
-    if scores is not None and score_key not in adata.uns:
-        scores = dict(scores)
+    score_key = Key.circuit_score(name)
+    if "cell_scores" in circuit and score_key not in adata.uns:
+        scores = dict(circuit.pop("cell_scores"))
         scores["influence"] = scores.pop("weights")
         adata.uns[score_key] = {"params": {"circuit": name}, **scores}
         moved.append(f"its cell scores to {score_key!r}")
+        old, new = f"{name}_gene_score", Key.gene_score(score_key)
+        if old in adata.obs and new not in adata.obs:
+            adata.obs = adata.obs.rename(columns={old: new})
+            moved.append(f"adata.obs[{old!r}] to {new!r}")
     return moved
 
 

@@ -21,6 +21,7 @@ the AnnData lives; a linked directory is checked (manifest, checksums) when firs
 
 from __future__ import annotations
 
+import uuid
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -34,7 +35,13 @@ from ._constants import Key
 from .core.model import C2SModel, load_model
 from .core.training import TrainingConfig
 from .core.transcoder import Transcoder, TranscoderConfig
-from .core.transcoder_set import TranscoderDirectoryError, TranscoderSet, manifest_sha256
+from .core.transcoder_set import (
+    TranscoderDirectoryError,
+    TranscoderSet,
+    manifest_sha256,
+    read_info,
+)
+from .core.transcoder_set import check_fingerprint as _check_fingerprint
 
 if TYPE_CHECKING:
     import os
@@ -52,8 +59,15 @@ _cache: dict[int, OrderedDict[tuple, TranscoderSet]] = {}
 # -- keys -----------------------------------------------------------------------------------------
 
 
-def check_key(name: object, what: str = "key_added") -> str:
-    """A key that every storage backend accepts: a non-empty string without ``/``."""
+def check_key(
+    name: object, what: str = "key_added", *, adata: AnnData | None = None, kind: str = ""
+) -> str:
+    """A key that every storage backend accepts: a non-empty string without ``/``.
+
+    With ``adata`` and ``kind``, also one that does not name an entry of ``adata.uns`` of
+    another kind (a tool replaces its own kind of record, never, say, transcoders with
+    activations, or scanpy's ``"neighbors"``).
+    """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{what} must be a non-empty string, got {name!r}.")
     if "/" in name:
@@ -61,7 +75,46 @@ def check_key(name: object, what: str = "key_added") -> str:
             f"{what}={name!r} contains '/', which .h5ad and .zarr files read as a path: "
             "choose a name without it."
         )
+    if adata is not None and name in adata.uns:
+        existing = record_kind(adata.uns[name])
+        if existing != kind:
+            raise ValueError(
+                f"{what}={name!r} would replace adata.uns[{name!r}], which holds "
+                f"{existing or 'something that is not a ' + kind + ' record'}: choose another "
+                f"{what}."
+            )
     return name
+
+
+#: How each kind of record is recognised: keys it always has.
+_KINDS = {
+    "circuit": ("nodes", "edges", "genes", "scores"),
+    "activations": ("obsm_keys", "firing_rate", "params"),
+    "annotation": ("features", "summary", "params"),
+    "random model baseline": ("summary", "metrics", "model", "params"),
+    "circuit enrichment": ("table", "params"),
+    "circuit score": ("influence", "features", "genes", "params"),
+    "gene attribution": ("genes", "effects", "agreement", "params"),
+    "feature ranking": ("names", "scores", "group_means", "params"),
+}
+
+
+def record_kind(value: object) -> str:
+    """The kind of sctranscoder record ``value`` is (``"transcoders"``, ``"circuit"``, ...), or
+    ``""`` for anything else.
+    """
+    from ._legacy import is_transcoder_record
+
+    if is_transcoder_record(value):
+        return "transcoders"
+    if not isinstance(value, dict):
+        return ""
+    if set(value) == {"params"} and {"template", "n_genes"} <= set(value["params"]):
+        return "cell sentences"
+    for kind, keys in _KINDS.items():
+        if all(k in value for k in keys):
+            return kind
+    return ""
 
 
 def record(adata: AnnData, key: str, *, kind: str, hint: str) -> dict:
@@ -111,22 +164,70 @@ def write_transcoders(
     """Store ``tset`` as ``adata.uns[key]``: weights in the record, or linked in ``weights_dir``.
 
     ``weights_dir`` must already hold the set (``tset.save(weights_dir)``); ``manifest`` is its
-    manifest's sha256 when known (data-parallel ranks without the directory get rank 0's).
+    manifest's sha256 when known (data-parallel ranks without the directory get rank 0's). The
+    record gets a new ``weights_id``: what the cache of built sets knows it by.
     """
-    rec = {"params": params, "model": dict(tset.model), "metrics": _metrics_to_uns(tset.metrics)}
-    if weights_dir is None:
-        rec["transcoders"] = {
-            Key.layer(layer): {"config": tc.config.to_dict(), **tc.to_numpy()}
-            for layer, tc in tset.items()
-        }
-    else:
-        path = Path(weights_dir).resolve()
-        rec["weights"] = {
-            "path": str(path),
-            "manifest_sha256": manifest or manifest_sha256(path),
-            "n_bytes": int(tset.n_bytes),
-        }
+    if weights_dir is not None:
+        write_link(
+            adata,
+            key,
+            weights_dir,
+            model=tset.model,
+            metrics=tset.metrics,
+            params=params,
+            n_bytes=tset.n_bytes,
+            manifest=manifest,
+        )
+        return
+    rec = _base_record(tset.model, tset.metrics, params)
+    rec["transcoders"] = {
+        Key.layer(layer): {"config": tc.config.to_dict(), **tc.to_numpy()}
+        for layer, tc in tset.items()
+    }
     adata.uns[key] = rec
+
+
+def write_link(
+    adata: AnnData,
+    key: str,
+    weights_dir: str | os.PathLike,
+    *,
+    model: dict,
+    metrics: dict,
+    params: dict,
+    n_bytes: int,
+    manifest: str | None = None,
+) -> None:
+    """Store a transcoder record that links to the saved set in ``weights_dir`` (path and the
+    sha256 of its manifest), without reading its weights.
+    """
+    path = Path(weights_dir).resolve()
+    rec = _base_record(model, metrics, params)
+    rec["weights"] = {
+        "path": str(path),
+        "manifest_sha256": manifest or manifest_sha256(path),
+        "n_bytes": int(n_bytes),
+    }
+    adata.uns[key] = rec
+
+
+def _base_record(model: dict, metrics: dict, params: dict) -> dict:
+    return {
+        "params": params,
+        "model": dict(model),
+        "metrics": _metrics_to_uns(metrics),
+        "weights_id": uuid.uuid4().hex,
+    }
+
+
+def layer_configs(rec: dict, key: str) -> dict[int, TranscoderConfig]:
+    """The shape of every layer's transcoder, without reading any weight."""
+    if "weights" in rec:
+        return read_info(_linked_path(rec, key)).layers
+    return {
+        Key.parse_layer(name): TranscoderConfig.from_dict(dict(entry["config"]))
+        for name, entry in rec["transcoders"].items()
+    }
 
 
 def transcoder_set(
@@ -138,47 +239,77 @@ def transcoder_set(
 ) -> TranscoderSet:
     """The transcoders of ``adata.uns[key]`` as a :class:`TranscoderSet` (frozen, cached).
 
-    Weights stored in the record are wrapped without a copy on the CPU; a linked directory is
-    read once (checked against its manifest and the recorded checksum). Built sets are cached per
-    record and device, so tools never rebuild them call after call.
+    Only the requested layers are read and moved to ``device``. Weights stored in the record are
+    wrapped without a copy on the CPU (editing them edits ``adata.uns``); a linked directory is
+    read and checked (manifest, checksums) when first used. Built sets are cached for as long as
+    the AnnData lives, per record, layers and device, so tools never rebuild them call after call.
     """
     rec = transcoder_record(adata, key)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    tset = _cached_set(adata, rec, key, device)
-    return tset if layers is None else tset.subset([int(x) for x in layers])
+    available = sorted(layer_configs(rec, key)) if "weights" not in rec else None
+    if layers is not None:
+        layers = sorted({int(x) for x in np.atleast_1d(layers)})
+        _check_available(layers, available if available is not None else _recorded_layers(rec), key)
+    return _cached_set(adata, rec, key, layers, device)
 
 
-def _cached_set(adata: AnnData, rec: dict, key: str, device: torch.device) -> TranscoderSet:
+def _cached_set(
+    adata: AnnData, rec: dict, key: str, layers: list[int] | None, device: torch.device
+) -> TranscoderSet:
     """The set of ``rec`` on ``device``, from this AnnData's cache when built before.
 
-    The cache of an AnnData goes with it (a finaliser); an entry is identified by the weight
-    arrays themselves (replaced arrays make a new entry), or by the linked directory and its
-    manifest checksum.
+    The cache of an AnnData goes with it (a finaliser). Entries are known by the record's key and
+    ``weights_id`` (a record written again gets a new one, and its old entries are dropped), by
+    the identity of the weight arrays for records without one (written by hand or by 0.1).
     """
     if id(adata) not in _cache:
         _cache[id(adata)] = OrderedDict()
         weakref.finalize(adata, _cache.pop, id(adata), None)
     cache = _cache[id(adata)]
-    if "weights" in rec:
-        link = rec["weights"]
-        ident = ("dir", str(link["path"]), str(link["manifest_sha256"]), str(device))
+    if "weights_id" in rec:
+        token = str(rec["weights_id"])
+    elif "weights" in rec:
+        token = f"{rec['weights']['path']}:{rec['weights']['manifest_sha256']}"
     else:
-        arrays = [a for entry in rec["transcoders"].values() for a in entry.values()]
-        ident = ("uns", key, tuple(id(a) for a in arrays), str(device))
+        token = str(tuple(id(a) for entry in rec["transcoders"].values() for a in entry.values()))
+    for stale in [k for k in cache if k[0] == key and k[1] != token]:
+        del cache[stale]
+    ident = (key, token, None if layers is None else tuple(layers), str(device))
     if ident in cache:
         cache.move_to_end(ident)
         return cache[ident]
-    cpu = _linked_set(rec, key) if "weights" in rec else _embedded_set(rec, key)
+    if "weights" in rec:
+        cpu = _linked_set(rec, key, layers)
+    else:
+        cpu = _embedded_set(rec, key, layers)
     cache[ident] = tset = cpu.to(device)
     while len(cache) > _CACHE_SIZE:
         cache.popitem(last=False)
     return tset
 
 
-def _embedded_set(rec: dict, key: str) -> TranscoderSet:
+def _recorded_layers(rec: dict) -> list[int]:
+    """The layers a transcoder record says it has (from the run's params, or its weights)."""
+    if "layers" in rec.get("params", {}):
+        return sorted(int(x) for x in np.atleast_1d(rec["params"]["layers"]))
+    return sorted(Key.parse_layer(n) for n in rec.get("transcoders", {}))
+
+
+def _check_available(layers: list[int], available: list[int], key: str) -> None:
+    missing = sorted(set(layers) - set(available))
+    if missing:
+        raise KeyError(
+            f"No transcoder for layer(s) {missing} in adata.uns[{key!r}]; trained layers: "
+            f"{available}. Train them with `sct.tl.train_transcoders(adata, model, layers=...)`."
+        )
+
+
+def _embedded_set(rec: dict, key: str, layers: list[int] | None) -> TranscoderSet:
     transcoders = {}
     for name, entry in rec["transcoders"].items():
         layer = Key.parse_layer(name)
+        if layers is not None and layer not in layers:
+            continue
         try:
             config = TranscoderConfig.from_dict(dict(entry["config"]))
             weights = {k: np.asarray(v) for k, v in entry.items() if k != "config"}
@@ -191,7 +322,8 @@ def _embedded_set(rec: dict, key: str) -> TranscoderSet:
     return _with_record(transcoders, rec)
 
 
-def _linked_set(rec: dict, key: str) -> TranscoderSet:
+def _linked_path(rec: dict, key: str) -> Path:
+    """The directory a transcoder record links to, checked to be the one it linked."""
     link = rec["weights"]
     path = Path(str(link["path"]))
     fix = (
@@ -211,7 +343,11 @@ def _linked_set(rec: dict, key: str) -> TranscoderSet:
             )
     except FileNotFoundError as err:
         raise TranscoderDirectoryError(f"{path} has no manifest.json. {fix}") from err
-    tset = TranscoderSet.load(path)
+    return path
+
+
+def _linked_set(rec: dict, key: str, layers: list[int] | None) -> TranscoderSet:
+    tset = TranscoderSet.load(_linked_path(rec, key), layers=layers)
     return _with_record(dict(tset.items()), rec)
 
 
@@ -247,17 +383,13 @@ def resolve_model(adata: AnnData, key: str, model: C2SModel | str | None) -> C2S
 def model_and_transcoders(
     adata: AnnData, key: str, model: C2SModel | str | None, *, layers=None
 ) -> tuple[C2SModel, TranscoderSet]:
-    """The base model (fingerprint checked) and the transcoders of ``adata.uns[key]`` on its device."""
+    """The base model (fingerprint checked) and the transcoders of ``adata.uns[key]`` on its
+    device; a missing layer is refused before any model is loaded.
+    """
     rec = transcoder_record(adata, key)
-    layers = None if layers is None else [int(x) for x in np.atleast_1d(layers)]
-    if layers is not None:  # a missing layer is refused before any model is loaded
-        available = [Key.parse_layer(n) for n in rec.get("transcoders", {})] or None
-        if available is not None and (missing := sorted(set(layers) - set(available))):
-            raise KeyError(
-                f"No transcoder for layer(s) {missing} in adata.uns[{key!r}]; trained layers: "
-                f"{sorted(available)}. Train them with "
-                "`sct.tl.train_transcoders(adata, model, layers=...)`."
-            )
+    if layers is not None:
+        layers = sorted({int(x) for x in np.atleast_1d(layers)})
+        _check_available(layers, _recorded_layers(rec), key)
     model = resolve_model(adata, key, model)
     return model, transcoder_set(adata, key, layers=layers, device=model.device)
 
@@ -269,14 +401,7 @@ def recorded_sentence_key(rec: dict) -> str:
 
 def check_fingerprint(recorded: dict, model: C2SModel) -> None:
     """Refuse ``model`` unless its fingerprint is the recorded one."""
-    expected = str(recorded["fingerprint"])
-    if model.fingerprint != expected:
-        raise ValueError(
-            f"These transcoders were trained on model {recorded['name']!r} (fingerprint "
-            f"{expected}), but the model given is {model.name!r} (fingerprint {model.fingerprint}):"
-            " its config or weights differ. Pass the model the transcoders were trained on, or "
-            "train new ones."
-        )
+    _check_fingerprint(recorded, model.fingerprint, str(model.name))
 
 
 def _metrics_to_uns(metrics: dict) -> dict:
@@ -353,6 +478,21 @@ def activations_record(adata: AnnData, activations_key: str) -> dict:
     )
     if "obsm_keys" not in rec:
         raise KeyError(f"adata.uns[{activations_key!r}] is not a feature activation record.")
+    return rec
+
+
+def check_same_transcoders(adata: AnnData, activations_key: str, transcoders_key: str) -> dict:
+    """The activation record, refused when it was computed with another transcoder set (its
+    feature indices would name other features).
+    """
+    rec = activations_record(adata, activations_key)
+    used = str(rec["params"].get("transcoders_key", transcoders_key))
+    if used != transcoders_key:
+        raise ValueError(
+            f"adata.uns[{activations_key!r}] holds activations of the transcoders "
+            f"adata.uns[{used!r}], not of adata.uns[{transcoders_key!r}]: pass the "
+            "activations_key of the same transcoders."
+        )
     return rec
 
 

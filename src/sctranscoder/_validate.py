@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -43,12 +45,12 @@ def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     """``layers`` (default: all ``n_layers``), sorted, unique and within the model."""
     if layers is None:
         return list(range(n_layers))
-    layers = sorted({int(x) for x in layers})
+    layers = sorted({int(x) for x in np.atleast_1d(layers)})
+    if not layers:
+        raise ValueError(f"No layers given: pass some of 0..{n_layers - 1}, or None for all.")
     bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad or not layers:
-        raise ValueError(
-            f"Layers {bad or 'none'} do not exist: the model has MLP layers 0..{n_layers - 1}."
-        )
+    if bad:
+        raise ValueError(f"Layers {bad} do not exist: the model has MLP layers 0..{n_layers - 1}.")
     return layers
 
 

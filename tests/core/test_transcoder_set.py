@@ -336,3 +336,37 @@ def test_a_truncated_legacy_config_names_its_file(tmp_path):
     with pytest.raises(TranscoderDirectoryError, match=r"config\.json is not valid JSON") as err:
         TranscoderSet.load(path)
     assert str(config) in str(err.value)
+
+
+def test_overwrite_never_replaces_a_directory_that_is_not_a_transcoder_set(tmp_path):
+    path = tmp_path / "results"
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a transcoder directory"):
+        _set().save(path, overwrite=True)
+    assert (path / "notes.txt").read_text() == "mine"
+    assert [p.name for p in path.iterdir()] == ["notes.txt"]
+
+
+def test_load_reads_and_checks_only_the_layers_asked_for(saved, monkeypatch):
+    tset, path = saved
+    import safetensors.torch
+
+    read = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda f: read.append(f) or real(f))
+    back = TranscoderSet.load(path, layers=[3])
+    assert back.layers == [3]
+    assert [p.rsplit("/", 1)[-1] for p in read] == ["layer_3.safetensors"]
+    _assert_same_weights(back, tset.subset([3]))
+    with pytest.raises(KeyError, match=r"layer\(s\) \[5\]"):
+        TranscoderSet.load(path, layers=[5])
+
+
+def test_moved_transcoder_is_a_copy_and_leaves_the_original_where_it_was():
+    tc = _transcoder()
+    assert tc.moved("cpu") is tc
+    meta = tc.moved("meta")
+    assert meta is not tc
+    assert meta.W_enc.device.type == "meta"
+    assert tc.W_enc.device.type == "cpu"

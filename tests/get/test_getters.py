@@ -85,7 +85,9 @@ def test_get_transcoders_returns_a_transcoder_set(trained_base, model):
     np.testing.assert_array_equal(tset[2].W_enc.detach().numpy(), w)
     sub = sct.get.transcoders(trained_base, layers=[2])
     assert sub.layers == [2]
-    assert sub[2] is tset[2]
+    # only the layer asked for, its weights wrapped (not copied) from adata.uns like the full set's
+    assert np.shares_memory(sub[2].W_enc.detach().numpy(), tset[2].W_enc.detach().numpy())
+    assert sct.get.transcoders(trained_base, layers=[2]) is sub  # built once
     x = torch.randn(3, model.d_model)
     torch.testing.assert_close(sub[2](x), tset[2](x))
     with pytest.raises(KeyError, match="layers"):

@@ -217,4 +217,7 @@ def test_argument_errors(pbmc):
     with pytest.raises(ValueError, match="n_genes"):
         cell_sentences(pbmc, n_genes=0)
     with pytest.raises(TypeError, match="C2SModel"):
-        cell_sentences(pbmc, model="vandijklab/C2S-Pythia-410m-cell-type-prediction")
+        cell_sentences(pbmc, model=42)
+    # a name or path is loaded like any model (here: a directory that is not there)
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        cell_sentences(pbmc, "./no_such_model")

@@ -208,3 +208,11 @@ def test_annotate_both_on_trained_transcoders(trained, tmp_path):
     back = ad.read_h5ad(path)
     pd.testing.assert_frame_equal(feature_table(back, 0), tb, check_dtype=False)
     pd.testing.assert_frame_equal(back.uns[ANNOTATION]["summary"], b, check_dtype=False)
+    # the plot reads the GSEA columns under annotate_features' own name for the method too
+    import matplotlib.pyplot as plt
+
+    gsea_ax = sct.pl.interpretability(both, method="prerank", show=False)
+    assert "GSEA" in gsea_ax.get_title()
+    heights = [p.get_height() for p in gsea_ax.patches]
+    assert heights[0] == pytest.approx(b["gsea_fraction"].iloc[0])
+    plt.close("all")

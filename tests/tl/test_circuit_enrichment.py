@@ -84,7 +84,7 @@ def test_score_circuit_features_and_genes(circuit, tmp_path):
     cell = adata.uns[key]["params"]["cell"]
     # the traced cell carries its own circuit more than the median cell
     assert score[adata.obs_names.get_loc(cell)] > np.median(score)
-    gene_score = adata.obs[f"{key}_gene_score"]
+    gene_score = adata.obs[f"{key}_score_genes"]
     assert gene_score.between(0, 1).all()
     assert gene_score.std() > 0
     path = tmp_path / "scored.h5ad"
@@ -102,3 +102,12 @@ def test_score_circuit_needs_activations(circuit):
         sct.tl.score_circuit(bare, circuit=key)
     with pytest.raises(KeyError, match=r"circuits: \['circuit_"):
         sct.tl.score_circuit(adata, circuit="circuit_nope")
+
+
+def test_score_circuit_refuses_activations_of_other_transcoders(circuit):
+    adata, key = circuit
+    other = adata.copy()
+    other.uns["sct2"] = other.uns["sct"]
+    sct.tl.feature_activations(other, key="sct2", layers=[0], genes=False, progress=False)
+    with pytest.raises(ValueError, match=r"not of adata\.uns\['sct'\]"):
+        sct.tl.score_circuit(other, circuit=key, activations_key="sct2_activations")

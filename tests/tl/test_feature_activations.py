@@ -126,3 +126,18 @@ def test_copy_leaves_the_input_alone(trained_base):
     assert "sct_activations" not in small.uns
     assert "X_sct_L0" not in small.obsm
     assert (out.obsm["X_sct_L0"] != trained_base.obsm["X_sct_L0"][:4]).nnz == 0
+
+
+def test_a_run_again_under_the_same_key_replaces_the_old_matrices(trained_base):
+    small = trained_base[:6].copy()
+    sct.tl.feature_activations(small, layers=[0, 1], genes=False, key_added="x", progress=False)
+    assert {"X_x_L0", "X_x_L1"} <= set(small.obsm)
+    sct.tl.feature_activations(small, layers=[1], genes=False, key_added="x", progress=False)
+    assert "X_x_L1" in small.obsm
+    assert "X_x_L0" not in small.obsm  # no orphan left from the first run
+    # the default record's matrices are untouched, and naming the default record by its own
+    # name writes the default matrices, not X_sct_activations_L<i>
+    sct.tl.feature_activations(
+        small, layers=[1], genes=False, key_added="sct_activations", progress=False
+    )
+    assert not any(k.startswith("X_sct_activations") for k in small.obsm)

@@ -100,3 +100,14 @@ def test_trace_circuit_bad_input(traced):
         sct.tl.trace_circuit(untrained, cell=untrained.obs_names[0])
     with pytest.raises(ValueError, match="does not exist"):
         sct.tl.trace_circuit(adata, cell=cell, target="L9F1")
+
+
+def test_trace_circuit_writes_nothing_when_its_enrichment_fails(traced):
+    adata, model, cell = traced
+    before = set(adata.uns)
+    tiny_sets = {"only_two": ["CD74", "LYZ"]}  # below the 5 genes a set must keep
+    with pytest.raises(ValueError, match="min_size=5"):
+        sct.tl.trace_circuit(
+            adata, model, cell=cell, max_feature_nodes=8, gene_sets=tiny_sets, key_added="t"
+        )
+    assert set(adata.uns) == before

@@ -56,7 +56,7 @@ def feature_values(
     if stated_n_genes is not None:
         template = settings.template.replace("{n_genes}", str(int(stated_n_genes)))
         settings = dataclasses.replace(settings, template=template)
-    transcoder = transcoder.to(device)
+    transcoder = transcoder.moved(device)
     out = []
     for b0 in range(0, len(sentences), batch_size):
         batch = tokenize_prompts(

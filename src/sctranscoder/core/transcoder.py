@@ -184,6 +184,13 @@ def sparse_decode(
     return y if b_dec is None else y + b_dec
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` are one device (``"cuda"`` matches any ``"cuda:<i>"``)."""
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
 @dataclass(frozen=True)
 class TranscoderConfig:
     """Shape and activation of one transcoder.
@@ -259,12 +266,13 @@ class Transcoder(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        if not init:  # weights to be set by the caller (from_tensors): no random draws
-            self.W_dec = nn.Parameter(torch.empty(c.n_features, c.d_out))
-            self.b_dec = nn.Parameter(torch.empty(c.d_out))
-            self.W_enc = nn.Parameter(torch.empty(c.n_features, c.d_in))
-            self.b_enc = nn.Parameter(torch.empty(c.n_features))
-            self.W_skip = nn.Parameter(torch.empty(c.d_out, c.d_in)) if c.skip else None
+        if not init:  # weights set by the caller (from_tensors): shapes only, no memory
+            meta = {"device": "meta"}
+            self.W_dec = nn.Parameter(torch.empty(c.n_features, c.d_out, **meta))
+            self.b_dec = nn.Parameter(torch.empty(c.d_out, **meta))
+            self.W_enc = nn.Parameter(torch.empty(c.n_features, c.d_in, **meta))
+            self.b_enc = nn.Parameter(torch.empty(c.n_features, **meta))
+            self.W_skip = nn.Parameter(torch.empty(c.d_out, c.d_in, **meta)) if c.skip else None
             return
         w = torch.randn(c.n_features, c.d_out, generator=generator)
         w = w / w.norm(dim=1, keepdim=True)
@@ -379,6 +387,16 @@ class Transcoder(nn.Module):
             setattr(tc, name, nn.Parameter(t.clone() if copy else t, requires_grad=False))
         tc.eval()
         return tc
+
+    def moved(self, device: torch.device | str) -> Transcoder:
+        """The transcoder on ``device``: itself when already there, else a moved copy (unlike
+        ``nn.Module.to``, which moves in place a module that others may share).
+        """
+        device = torch.device(device)
+        if same_device(self.W_enc.device, device):
+            return self
+        weights = {k: t.to(device) for k, t in self.state_arrays().items()}
+        return Transcoder.from_tensors(self.config, weights, copy=False)
 
     @classmethod
     def from_numpy(cls, config: TranscoderConfig, weights: dict) -> Transcoder:

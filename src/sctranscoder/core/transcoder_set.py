@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .training.config import TrainingConfig
-from .transcoder import Transcoder, TranscoderConfig
+from .transcoder import Transcoder, TranscoderConfig, same_device
 
 #: ``format`` of ``config.json`` written now, and the one of sctranscoder 0.1 (no manifest).
 FORMAT = "sctranscoder.transcoders/2"
@@ -153,27 +153,15 @@ class TranscoderSet(Mapping[int, Transcoder]):
     def to(self, device: torch.device | str) -> TranscoderSet:
         """The set on ``device``: ``self`` when already there, else a moved copy."""
         device = torch.device(device)
-        if _same_device(self.device, device):
+        if same_device(self.device, device):
             return self
-        moved = {
-            layer: Transcoder.from_tensors(
-                tc.config, {k: t.to(device) for k, t in tc.state_arrays().items()}, copy=False
-            )
-            for layer, tc in self.transcoders.items()
-        }
+        moved = {layer: tc.moved(device) for layer, tc in self.transcoders.items()}
         return TranscoderSet(moved, self.model, self.config, self.run, self.metrics)
 
     # -- identity -------------------------------------------------------------------------------
     def check_model(self, fingerprint: str, name: str = "") -> None:
         """Refuse a base model whose fingerprint is not the one these transcoders were trained on."""
-        expected = str(self.model.get("fingerprint", ""))
-        if expected and fingerprint != expected:
-            raise ValueError(
-                f"These transcoders were trained on model {self.model.get('name', '?')!r} "
-                f"(fingerprint {expected}), but the model given is {name!r} (fingerprint "
-                f"{fingerprint}): its config or weights differ. Pass the model the transcoders "
-                "were trained on, or train new ones."
-            )
+        check_fingerprint(self.model, fingerprint, name)
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -190,8 +178,11 @@ class TranscoderSet(Mapping[int, Transcoder]):
             raise FileExistsError(
                 f"{path} exists: pass overwrite=True to replace it, or choose a new directory."
             )
-        if path.exists() and not path.is_dir():
-            raise FileExistsError(f"{path} exists and is not a directory.")
+        if path.exists() and not _is_transcoder_directory(path):
+            raise FileExistsError(
+                f"{path} exists and is not a transcoder directory (config.json of sctranscoder "
+                "and layer files only): overwrite=True replaces only those. Choose a new directory."
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -229,57 +220,103 @@ class TranscoderSet(Mapping[int, Transcoder]):
         }
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> TranscoderSet:
+    def load(
+        cls, path: str | os.PathLike, *, layers: list[int] | None = None, verify: bool = True
+    ) -> TranscoderSet:
         """Read a set written by :meth:`save` (or by sctranscoder 0.1's ``save_transcoders``).
 
         Parameters
         ----------
         path
             The directory.
+        layers
+            Read only these layers' files (default: all).
         verify
-            Check every file's sha256 against the manifest (else only names and sizes); about a
-            second per GB.
+            Check the sha256 of every file read against the manifest (else only names and
+            sizes); about a second per GB.
         """
-        path = Path(path)
-        if not path.is_dir():
-            raise TranscoderDirectoryError(
-                f"{path} is not a directory of transcoders (it does not exist or is a file)."
-            )
-        files = read_manifest(path, verify=verify)
-        doc = _read_json(path / CONFIG_FILE)
-        fmt = doc.get("format") if isinstance(doc, dict) else None
-        if fmt not in (FORMAT, LEGACY_FORMAT):
-            raise TranscoderDirectoryError(
-                f"{path / CONFIG_FILE} is not an sctranscoder transcoder config (format {fmt!r})."
-            )
-        if fmt == FORMAT and files is None:
-            raise TranscoderDirectoryError(f"{path / MANIFEST_FILE} is missing.")
-        layers = _layer_configs(doc, path)
-        expected = {layer_file(la) for la in layers}
-        if files is not None and set(files) - {CONFIG_FILE} != expected:
+        info = read_info(path, layers=layers, verify=verify)
+        transcoders = {
+            la: _read_layer(Path(path) / layer_file(la), info.layers[la]) for la in info.selected
+        }
+        return cls(transcoders, info.model, info.config, info.run, info.metrics)
+
+
+@dataclass
+class DirectoryInfo:
+    """What a transcoder directory holds, read without its weights (:func:`read_info`)."""
+
+    layers: dict[int, TranscoderConfig]
+    selected: list[int]
+    model: dict[str, Any]
+    config: TrainingConfig | None
+    run: dict[str, Any]
+    metrics: dict[str, Any]
+    n_bytes: int
+
+
+def read_info(
+    path: str | os.PathLike, *, layers: list[int] | None = None, verify: bool = False
+) -> DirectoryInfo:
+    """A transcoder directory's layers, records and size, checked against its manifest.
+
+    Every file must be listed with its size and no other file may be there; with ``verify``,
+    ``config.json`` and the files of ``layers`` (default: all) are also checked by sha256.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise TranscoderDirectoryError(
+            f"{path} is not a directory of transcoders (it does not exist or is a file)."
+        )
+    files = read_manifest(path, verify=False)
+    doc = _read_json(path / CONFIG_FILE)
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if fmt not in (FORMAT, LEGACY_FORMAT):
+        raise TranscoderDirectoryError(
+            f"{path / CONFIG_FILE} is not an sctranscoder transcoder config (format {fmt!r})."
+        )
+    if fmt == FORMAT and files is None:
+        raise TranscoderDirectoryError(f"{path / MANIFEST_FILE} is missing.")
+    configs = _layer_configs(doc, path)
+    selected = sorted(configs) if layers is None else [int(x) for x in layers]
+    missing = sorted(set(selected) - set(configs))
+    if missing:
+        raise KeyError(
+            f"{path} has no transcoder for layer(s) {missing}; layers: {sorted(configs)}."
+        )
+    if files is not None:
+        if set(files) - {CONFIG_FILE} != {layer_file(la) for la in configs}:
             raise TranscoderDirectoryError(
                 f"{path}: the manifest lists {sorted(set(files) - {CONFIG_FILE})} but "
-                f"{CONFIG_FILE} has layers {sorted(layers)}."
+                f"{CONFIG_FILE} has layers {sorted(configs)}."
             )
-        transcoders = {la: _read_layer(path / layer_file(la), cfg) for la, cfg in layers.items()}
-        if fmt == LEGACY_FORMAT:
-            meta = doc.get("metadata", {})
-            params = dict(meta.get("params", {}))
-            config = _legacy_config(params)
-            return cls(
-                transcoders,
-                dict(meta.get("model", {})),
-                config,
-                params,
-                dict(meta.get("metrics", {})),
-            )
+        if verify:
+            for name in [CONFIG_FILE, *(layer_file(la) for la in selected)]:
+                _check_sha256(path / name, files[name]["sha256"], path / MANIFEST_FILE)
+        n_bytes = sum(int(files[layer_file(la)]["bytes"]) for la in configs)
+    else:
+        n_bytes = sum((path / layer_file(la)).stat().st_size for la in configs)
+    if fmt == LEGACY_FORMAT:
+        meta = doc.get("metadata", {})
+        params = dict(meta.get("params", {}))
+        model, config, run = dict(meta.get("model", {})), _legacy_config(params), params
+        metrics = dict(meta.get("metrics", {}))
+    else:
+        model, run = dict(doc.get("model") or {}), dict(doc.get("run") or {})
         config = None if doc.get("config") is None else TrainingConfig.from_dict(doc["config"])
-        return cls(
-            transcoders,
-            dict(doc.get("model") or {}),
-            config,
-            dict(doc.get("run") or {}),
-            dict(doc.get("metrics") or {}),
+        metrics = dict(doc.get("metrics") or {})
+    return DirectoryInfo(configs, selected, model, config, run, metrics, n_bytes)
+
+
+def check_fingerprint(model_record: dict, fingerprint: str, name: str = "") -> None:
+    """Refuse a model (its ``fingerprint``) unless it is the one of ``model_record``."""
+    expected = str(model_record.get("fingerprint", ""))
+    if expected and fingerprint != expected:
+        raise ValueError(
+            f"These transcoders were trained on model {model_record.get('name', '?')!r} "
+            f"(fingerprint {expected}), but the model given is {name!r} (fingerprint "
+            f"{fingerprint}): its config or weights differ. Pass the model the transcoders were "
+            "trained on, or train new ones."
         )
 
 
@@ -320,11 +357,16 @@ def read_manifest(path: Path, *, verify: bool) -> dict[str, dict] | None:
                 f"{f} has {f.stat().st_size} bytes, the manifest says {entry['bytes']}: the file "
                 "is truncated or was changed."
             )
-        if verify and _sha256(f) != entry["sha256"]:
-            raise TranscoderDirectoryError(
-                f"{f} does not match the sha256 in {manifest}: the file was changed or damaged."
-            )
+        if verify:
+            _check_sha256(f, entry["sha256"], manifest)
     return files
+
+
+def _check_sha256(file: Path, expected: str, manifest: Path) -> None:
+    if _sha256(file) != expected:
+        raise TranscoderDirectoryError(
+            f"{file} does not match the sha256 in {manifest}: the file was changed or damaged."
+        )
 
 
 def _layer_configs(doc: dict, path: Path) -> dict[int, TranscoderConfig]:
@@ -425,10 +467,21 @@ def _replace_dir(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
+def _is_transcoder_directory(path: Path) -> bool:
+    """Whether ``path`` holds a saved transcoder set and nothing else (safe to replace)."""
+    if not path.is_dir():
         return False
-    return a.index is None or b.index is None or a.index == b.index
+    allowed = {CONFIG_FILE, MANIFEST_FILE}
+    names = {p.name for p in path.iterdir()}
+    if CONFIG_FILE not in names or any(
+        n not in allowed and not _LAYER_FILE.fullmatch(n) for n in names
+    ):
+        return False
+    try:
+        doc = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") in (FORMAT, LEGACY_FORMAT)
 
 
 def _json_default(o):

@@ -129,10 +129,17 @@ def feature_table(
         table["top_gene_counts"] = [";".join(map(str, c.tolist())) for _, c in top]
     ann_key = annotation_key or Key.derived(activations_key, "annotation")
     ann = adata.uns.get(ann_key)
+    if annotation_key is not None:  # asked for: it must fit
+        ann = record(adata, ann_key, kind="annotation", hint="run `sct.tl.annotate_features`.")
+        of = str(ann.get("params", {}).get("activations_key", activations_key))
+        if of != activations_key:
+            raise ValueError(
+                f"adata.uns[{ann_key!r}] annotates the features of adata.uns[{of!r}], not of "
+                f"adata.uns[{activations_key!r}]: pass activations_key={of!r}."
+            )
+        if name not in ann.get("features", {}):
+            raise KeyError(f"adata.uns[{ann_key!r}] has no annotation of layer {layer}.")
     if isinstance(ann, dict) and name in ann.get("features", {}):
         if str(ann.get("params", {}).get("activations_key", activations_key)) == activations_key:
             table = table.join(pd.DataFrame(ann["features"][name]))
-    elif annotation_key is not None:
-        record(adata, annotation_key, kind="annotation", hint="run `sct.tl.annotate_features`.")
-        raise KeyError(f"adata.uns[{annotation_key!r}] has no annotation of layer {layer}.")
     return table

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._constants import feature_name
+from .._constants import NodeType, feature_name
 from .._records import circuit_record
 from ._utils import finish
 
@@ -19,11 +19,12 @@ if TYPE_CHECKING:
 
 #: Node type -> (marker, face colour, legend label); drawn bottom-up in this order.
 _NODE_STYLE = {
-    "embedding": ("s", "#59a14f", "token embedding"),
-    "error": ("D", "#a0a0a0", "error (MLP − transcoder)"),
-    "feature": ("o", "#f28e2b", "transcoder feature"),
-    "target": ("*", "#8e44ad", "target"),
+    NodeType.EMBEDDING.label: ("s", "#59a14f", "token embedding"),
+    NodeType.ERROR.label: ("D", "#a0a0a0", "error (MLP − transcoder)"),
+    NodeType.FEATURE.label: ("o", "#f28e2b", "transcoder feature"),
+    NodeType.TARGET.label: ("*", "#8e44ad", "target"),
 }
+_TARGET, _FEATURE = NodeType.TARGET.label, NodeType.FEATURE.label
 #: Diverging colormap for edge weights: red negative, blue positive.
 _EDGE_CMAP = "RdBu"
 #: Nodes in one (layer, position) cell are wrapped into sub-rows beyond this many per row.
@@ -126,13 +127,13 @@ def circuit(
 
     s_max = float(np.clip(min(0.85 * ppu_x, 3.2 * _SUBROW_DY * ppu_y), 4.0, 22.0)) ** 2
     s_min = max(s_max / 16, 6.0)
-    scale = nodes.loc[nodes["type"] != "target", "influence"].abs().max()
+    scale = nodes.loc[nodes["type"] != _TARGET, "influence"].abs().max()
     scale = scale if scale and np.isfinite(scale) else 1.0
     for kind, (marker, colour, label) in _NODE_STYLE.items():
         sub = nodes[nodes["type"] == kind]
         if sub.empty:
             continue
-        if kind == "target":
+        if kind == _TARGET:
             sizes = np.full(len(sub), 2.5 * s_max)
         else:
             rel = np.sqrt(np.clip(sub["influence"].abs().to_numpy() / scale, 0, 1))
@@ -207,10 +208,19 @@ def circuit_genes(
     emb = genes["embedding_influence"].to_numpy()
     feat = genes["feature_influence"].to_numpy()
     ax.barh(
-        y, emb, color=_NODE_STYLE["embedding"][1], label="token embeddings", gid="genes-embedding"
+        y,
+        emb,
+        color=_NODE_STYLE[NodeType.EMBEDDING.label][1],
+        label="token embeddings",
+        gid="genes-embedding",
     )
     ax.barh(
-        y, feat, left=emb, color=_NODE_STYLE["feature"][1], label="features", gid="genes-feature"
+        y,
+        feat,
+        left=emb,
+        color=_NODE_STYLE[NodeType.FEATURE.label][1],
+        label="features",
+        gid="genes-feature",
     )
     for yi, total, n in zip(y, emb + feat, genes["n_features"], strict=True):
         if n:
@@ -240,7 +250,7 @@ def _drawn(nodes: pd.DataFrame, edges: pd.DataFrame, max_nodes: int):
     """The target and the ``max_nodes - 1`` most influential other nodes, and edges among them."""
     if max_nodes < 1:
         raise ValueError(f"max_nodes must be at least 1, got {max_nodes}.")
-    is_target = nodes["type"] == "target"
+    is_target = nodes["type"] == _TARGET
     others = nodes[~is_target]
     others = others.loc[others["influence"].abs().sort_values(ascending=False).index]
     keep = nodes[is_target].index.append(others.index[: max(max_nodes - int(is_target.sum()), 0)])
@@ -252,7 +262,7 @@ def _drawn(nodes: pd.DataFrame, edges: pd.DataFrame, max_nodes: int):
 def _row(nodes: pd.DataFrame) -> pd.Series:
     """Row of each node: embeddings -1, layers 0..L-1, the target on a row of its own on top."""
     row = nodes["layer"].astype(float).copy()
-    is_target = nodes["type"] == "target"
+    is_target = nodes["type"] == _TARGET
     if is_target.any():
         below = row[~is_target].max() if (~is_target).any() else -1.0
         row[is_target] = np.maximum(row[is_target], below + 1)
@@ -332,7 +342,7 @@ def _draw_edges(ax, edges: pd.DataFrame, layout: pd.DataFrame, ppu_x: float, ppu
 
 def _label_features(ax, nodes, layout, n_labels, ppu_x, ppu_y, radius_pt):
     """Name the most influential features, placing each label where it overlaps the least."""
-    feats = nodes[nodes["type"] == "feature"]
+    feats = nodes[nodes["type"] == _FEATURE]
     feats = feats.loc[feats["influence"].abs().sort_values(ascending=False).index[:n_labels]]
     fontsize = 6.5
     placed: list[tuple[float, float, float, float]] = []  # label boxes, in points
@@ -394,7 +404,7 @@ def _axes_labels(ax, nodes, columns, rows):
             tick.set_color("0.45")
             tick.set_style("italic")
     top = max(rows)
-    has_target = (nodes["type"] == "target").any()
+    has_target = (nodes["type"] == _TARGET).any()
     names = {-1.0: "embeddings"}
     ax.set_yticks(
         rows,

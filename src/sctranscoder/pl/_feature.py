@@ -60,7 +60,7 @@ def feature(
     annotation_key
         ``adata.uns`` key of an annotation to show (default: the default one, when present).
     figsize
-        Figure size in inches (default ``(11, 7)``).
+        Figure size in inches (default ``(13, 7)``).
     show
         Show the figure (default: ``scanpy.settings.autoshow``).
     save
@@ -78,7 +78,7 @@ def feature(
 
     layer, j = parse_feature_name(feature)
     table = feature_table(
-        adata, layer, activations_key=activations_key, annotation_key=annotation_key
+        adata, layer, activations_key=activations_key, annotation_key=annotation_key, n_top=n_top
     )
     if not 0 <= j < len(table):
         raise IndexError(f"{feature}: layer {layer} has features 0..{len(table) - 1}.")

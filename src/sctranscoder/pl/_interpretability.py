@@ -28,7 +28,8 @@ def interpretability(
     adata: AnnData,
     *,
     annotation_key: str = Key.derived(Key.activations(Key.transcoders), "annotation"),
-    method: Literal["ora", "gsea"] | None = None,
+    random_model_key: str | None = None,
+    method: Literal["ora", "gsea", "prerank"] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     save: bool | str | None = None,
@@ -48,8 +49,12 @@ def interpretability(
         Annotated data after :func:`sctranscoder.tl.annotate_features`.
     annotation_key
         ``adata.uns`` key of the annotation.
+    random_model_key
+        ``adata.uns`` key of a random-model baseline to draw (default: its default key, when
+        present).
     method
-        ``"ora"`` or ``"gsea"``: which test's results to draw (default: ORA when it ran).
+        ``"ora"`` or ``"gsea"`` (``"prerank"`` is the same): which test's results to draw
+        (default: ORA when it ran).
     ax
         Axes to draw on (default: a new figure).
     show
@@ -66,9 +71,12 @@ def interpretability(
     """
     import matplotlib.pyplot as plt
 
-    table = get_interpretability(adata, annotation_key=annotation_key)
+    table = get_interpretability(
+        adata, annotation_key=annotation_key, random_model_key=random_model_key
+    )
     if method is None:
         method = "ora" if "ora_fraction" in table else "gsea"
+    method = {"prerank": "gsea"}.get(method, method)
     if f"{method}_fraction" not in table:
         raise ValueError(f"adata.uns[{annotation_key!r}] has no {method!r} results.")
     layers = table["layer"].to_numpy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING, Literal
 
@@ -12,6 +13,7 @@ from scipy import sparse
 
 from .._constants import Key
 from .._records import check_key
+from .._validate import check_copy_backed, check_positive_int
 from ..core.sentences import PromptSettings, cell_ids, rank_genes
 
 if TYPE_CHECKING:
@@ -30,8 +32,8 @@ DataKind = Literal["counts", "log-normalised"]
 
 def cell_sentences(
     adata: AnnData,
+    model: C2SModel | str | None = None,
     *,
-    model: C2SModel | None = None,
     n_genes: int | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -63,8 +65,8 @@ def cell_sentences(
         results are held in memory (save them with ``adata.write_h5ad(new_path)``; see
         ``docs/storage.md``).
     model
-        A :class:`~sctranscoder.core.model.C2SModel` whose prompt settings (genes per sentence,
-        organism, template) are the defaults. Without one, the Cell2Sentence defaults
+        A :class:`~sctranscoder.core.model.C2SModel` (or a local model directory or hub id) whose
+        prompt settings (genes per sentence, organism, template) are the defaults. Without one, the Cell2Sentence defaults
         (200 genes, Homo sapiens).
     n_genes
         Genes per sentence (at most). Overrides the model's setting.
@@ -123,23 +125,10 @@ def cell_sentences(
     settings = _settings(model)
     n_genes = settings.n_genes if n_genes is None else n_genes
     organism = settings.organism if organism is None else organism
-    if isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 1:
-        raise ValueError(f"n_genes must be a positive integer, got {n_genes!r}.")
-    chunk_size = _CHUNK_ROWS if chunk_size is None else chunk_size
-    if (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, int | np.integer)
-        or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    chunk_size = int(chunk_size)
-    check_key(key_added)
-    if copy and adata.isbacked:
-        raise ValueError(
-            "copy=True would load the backed matrix into memory. Use copy=False (a backed "
-            "AnnData holds obs and uns in memory; save them with `adata.write_h5ad(new_path)`), "
-            "or call `adata.to_memory()` first."
-        )
+    n_genes = check_positive_int(n_genes, "n_genes")
+    chunk_size = check_positive_int(_CHUNK_ROWS if chunk_size is None else chunk_size, "chunk_size")
+    check_key(key_added, adata=adata, kind="cell sentences")
+    check_copy_backed(adata, copy)
 
     if adata.n_obs == 0:
         raise ValueError("adata has no cells.")
@@ -195,13 +184,18 @@ def cell_sentences(
     return adata if copy else None
 
 
-def _settings(model: C2SModel | None) -> PromptSettings:
+def _settings(model: C2SModel | str | None) -> PromptSettings:
     if model is None:
         return PromptSettings()
+    if isinstance(model, str | os.PathLike):
+        from ..core.model import load_model
+
+        model = load_model(model)
     settings = getattr(model, "settings", None)
     if not isinstance(settings, PromptSettings):
         raise TypeError(
-            "model must be a C2SModel (see `sctranscoder.core.model.load_model`), "
+            "model must be a C2SModel (see `sctranscoder.load_model`), a model directory or a hub "
+            "id, "
             f"got {type(model).__name__}."
         )
     return settings

@@ -12,7 +12,13 @@ from scanpy import logging as logg
 from scipy import sparse
 
 from .._constants import Key, feature_names
-from .._genesets import clean_genes, gene_sets_in_background, source_name
+from .._genesets import (
+    clean_genes,
+    clean_symbol,
+    gene_sets_in_background,
+    is_reloadable,
+    source_name,
+)
 from .._gsea import prerank_many
 from .._ora import best_terms, ora_many
 from .._records import activation_layers, activations_record, check_key, strings
@@ -157,12 +163,15 @@ def annotate_features(
         ``baseline_interpretable`` (mean over shuffles), ``baseline_fraction`` (NaN without a
         baseline) and ``seconds``.
     ``params`` : dict
-        The arguments (``gene_sets`` as a name or path, or the type of object given),
+        The arguments (``gene_sets`` as a name or path, or the type of object given, and
+        ``gene_sets_reloadable``: whether that name loads them again),
         ``activations_key``, ``n_sets`` (sets tested) and ``n_background`` (background genes).
     """
     rec = activations_record(adata, activations_key)
     layers = activation_layers(rec, layers, activations_key)
-    record_key = check_key(key_added or Key.derived(activations_key, "annotation"))
+    record_key = check_key(
+        key_added or Key.derived(activations_key, "annotation"), adata=adata, kind="annotation"
+    )
     check_copy_backed(adata, copy)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -208,6 +217,7 @@ def annotate_features(
     summary.index = [Key.layer(x) for x in summary["layer"]]
     params = {
         "gene_sets": source_name(gene_sets),
+        "gene_sets_reloadable": is_reloadable(gene_sets),
         "activations_key": activations_key,
         "layers": np.asarray(layers, dtype=np.int64),
         "method": str(method),
@@ -218,7 +228,7 @@ def annotate_features(
         ),
         "min_size": int(min_size),
         "max_size": int(max_size),
-        "baseline": str(baseline),
+        "baseline": str(baseline or "none"),
         "n_shuffles": int(n_shuffles),
         "permutations": int(permutations),
         "gsea_weight": float(gsea_weight),
@@ -375,7 +385,7 @@ def _query_matrix(
 ) -> sparse.csr_matrix:
     """(live features x background) membership of each feature's top ``n_top`` genes."""
     top = top_genes(counts[:, columns], sums[:, columns], n_top)
-    cleaned = np.asarray([str(g).strip().upper() for g in genes], dtype=object)
+    cleaned = np.asarray([clean_symbol(g) for g in genes], dtype=object)
     cols = background.get_indexer(cleaned[np.concatenate([r for r, _ in top] or [[]]).astype(int)])
     rows = np.repeat(np.arange(len(top)), [len(r) for r, _ in top])
     keep = cols >= 0
@@ -400,7 +410,7 @@ def _mean_activation(
     ``sums / n_cells``; genes whose symbols coincide once cleaned (upper-cased) are pooled (sums
     and cells added); a gene in no cell scores 0.
     """
-    symbols = [str(g).strip().upper() for g in genes]
+    symbols = [clean_symbol(g) for g in genes]
     cols = background.get_indexer(symbols)
     keep = np.flatnonzero(cols >= 0)
     pool = sparse.csr_matrix(

@@ -62,7 +62,8 @@ def circuit_enrichment(
     allow_network
         Allow downloading a named library.
     key_added
-        ``adata.uns`` key of the result (default ``f"{circuit}_enrichment"``).
+        ``adata.uns`` key of the result (default: the circuit's key followed by
+        ``"_enrichment"``, e.g. ``"circuit_<cell>_enrichment"``).
     copy
         Return a copy instead of writing to ``adata``.
 
@@ -80,7 +81,43 @@ def circuit_enrichment(
     name, rec = circuit_record(adata, circuit)
     check_positive_int(n_top, "n_top")
     check_copy_backed(adata, copy)
-    record_key = check_key(key_added or Key.circuit_enrichment(name))
+    record_key = check_key(
+        key_added or Key.circuit_enrichment(name), adata=adata, kind="circuit enrichment"
+    )
+    result = enrich_circuit(
+        adata,
+        name,
+        rec,
+        gene_sets,
+        n_top=n_top,
+        min_size=min_size,
+        max_size=max_size,
+        allow_network=allow_network,
+    )
+    if copy:
+        adata = adata.copy()
+    adata.uns[record_key] = result
+    best = result["table"].iloc[0]
+    logg.info(
+        f"circuit {name}: best term {best['term']} (overlap {int(best['overlap'])}, "
+        f"FDR {best['fdr']:.2g}) among {result['params']['n_sets']} sets",
+        deep=f"added\n    {record_key!r}, enrichment of the circuit's genes (adata.uns)",
+    )
+    return adata if copy else None
+
+
+def enrich_circuit(
+    adata: AnnData,
+    name: str,
+    rec: dict,
+    gene_sets,
+    *,
+    n_top: int,
+    min_size: int = 5,
+    max_size: int = 500,
+    allow_network: bool = False,
+) -> dict:
+    """The enrichment record of circuit ``rec`` (named ``name``; written or not yet)."""
     background = circuit_background(adata, rec)
     sets = gene_sets_in_background(
         gene_sets,
@@ -92,16 +129,7 @@ def circuit_enrichment(
     )
     result = enrichment(rec, sets, background, n_top=n_top, source=source_name(gene_sets))
     result["params"].update(circuit=name, min_size=int(min_size), max_size=int(max_size))
-    if copy:
-        adata = adata.copy()
-    adata.uns[record_key] = result
-    best = result["table"].iloc[0]
-    logg.info(
-        f"circuit {name}: best term {best['term']} (overlap {int(best['overlap'])}, "
-        f"FDR {best['fdr']:.2g}) among {len(sets)} sets",
-        deep=f"added\n    {record_key!r}, enrichment of the circuit's genes (adata.uns)",
-    )
-    return adata if copy else None
+    return result
 
 
 def circuit_background(adata: AnnData, rec: dict) -> list[str]:

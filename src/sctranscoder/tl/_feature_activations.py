@@ -85,9 +85,10 @@ def feature_activations(
         ``adata.uns`` key of the transcoders.
     key_added
         ``adata.uns`` key of the activation record; default ``f"{key}_activations"``. The
-        ``obsm`` keys are ``f"X_{key}_L<layer>"`` by default, ``f"X_{key_added}_L<layer>"`` when
-        ``key_added`` is given, so that two runs (say ``aggregate="last"`` beside ``"max"``)
-        coexist.
+        ``obsm`` keys are ``f"X_{key}_L<layer>"`` for the default record,
+        ``f"X_{key_added}_L<layer>"`` for any other, so that two runs (say
+        ``aggregate="last"`` beside ``"max"``) coexist. A record written again under the same key
+        replaces the old one, and its ``obsm`` matrices no longer listed are removed.
     progress
         Show a progress bar.
     copy
@@ -98,7 +99,8 @@ def feature_activations(
     ``None``, or a copy of ``adata`` when ``copy=True``. Sets these fields:
 
     ``adata.obsm[f"X_{key}_L{layer}"]`` : :class:`scipy.sparse.csr_matrix`, float32
-        Cells x features activations of each layer.
+        Cells x features activations of each layer (``f"X_{key_added}_L{layer}"`` for a record
+        named otherwise than by default).
     ``adata.uns[key_added]["obsm_keys"]`` : dict
         Per ``"layer_<i>"``, the ``obsm`` key above.
     ``adata.uns[key_added]["firing_rate"]`` : dict
@@ -119,8 +121,13 @@ def feature_activations(
     if not np.isfinite(live_threshold):
         raise ValueError(f"live_threshold must be a finite log10 rate, got {live_threshold}.")
     check_copy_backed(adata, copy)
-    record_key = check_key(key_added if key_added is not None else Key.activations(key))
-    prefix = key if key_added is None else key_added
+    record_key = check_key(
+        key_added if key_added is not None else Key.activations(key),
+        adata=adata,
+        kind="activations",
+    )
+    # the default record writes X_<key>_L<i>; any other name, X_<key_added>_L<i>
+    prefix = key if record_key == Key.activations(key) else record_key
     rec = transcoder_record(adata, key)
     sentence_key = sentence_key or recorded_sentence_key(rec)
     model, tset = model_and_transcoders(adata, key, model, layers=layers)
@@ -161,6 +168,10 @@ def feature_activations(
         }
     if copy:
         adata = adata.copy()
+    old = adata.uns.get(record_key)
+    if isinstance(old, dict) and "obsm_keys" in old:  # replaced: drop what it wrote and we do not
+        for stale in set(map(str, old["obsm_keys"].values())) - set(obsm.values()):
+            adata.obsm.pop(stale, None)
     for la in tset:
         adata.obsm[obsm[Key.layer(la)]] = tables.cells[la]
     adata.uns[record_key] = out

@@ -10,16 +10,20 @@ from scanpy import logging as logg
 from scipy import sparse, stats
 
 from .._constants import Key, feature_name, parse_feature_name
+from .._genesets import clean_symbol
+from .._genesets import gene_sets as load_gene_sets
+from .._gsea import prerank
 from .._records import (
     activations_record,
     check_key,
+    check_same_transcoders,
+    layer_configs,
     model_and_transcoders,
     obsm_activations,
     recorded_sentence_key,
     sentences,
     strings,
     transcoder_record,
-    transcoder_set,
 )
 from .._validate import check_copy_backed, check_positive_int
 from ..core.counterfactual import MODES, Mode, counterfactual_effects
@@ -46,6 +50,7 @@ def gene_attribution(
     gene_sets: Mapping[str, Iterable[str]] | str | pd.DataFrame | None = None,
     permutations: int = 200,
     seed: int = 0,
+    allow_network: bool = False,
     key: str = Key.transcoders,
     activations_key: str | None = None,
     key_added: str | None = None,
@@ -99,6 +104,8 @@ def gene_attribution(
         GSEA permutations.
     seed
         GSEA seed.
+    allow_network
+        Let a named gene set library be downloaded.
     key
         ``adata.uns`` key of the transcoders.
     activations_key
@@ -139,11 +146,24 @@ def gene_attribution(
     if aggregate not in ("max", "last"):
         raise ValueError(f"aggregate must be 'max' or 'last', got {aggregate!r}.")
     check_positive_int(batch_size, "batch_size")
+    check_positive_int(permutations, "permutations")
     check_copy_backed(adata, copy)
-    record_key = check_key(key_added or Key.gene_attribution(feature))
+    record_key = check_key(
+        key_added or Key.gene_attribution(feature), adata=adata, kind="gene attribution"
+    )
     activations_key = activations_key or Key.activations(key)
     rec = transcoder_record(adata, key)
-    n_features = transcoder_set(adata, key, layers=[layer])[layer].config.n_features
+    if cells is None or activations_key in adata.uns:
+        check_same_transcoders(adata, activations_key, key)
+    sets = None
+    if gene_sets is not None:  # resolved first: nothing is computed if they cannot be had
+        sets = load_gene_sets(gene_sets, adata=adata, allow_network=allow_network)
+    configs = layer_configs(rec, key)
+    if layer not in configs:
+        raise KeyError(
+            f"No transcoder for layer {layer} in adata.uns[{key!r}]; layers: {sorted(configs)}."
+        )
+    n_features = configs[layer].n_features
     if not 0 <= index < n_features:
         raise ValueError(f"{feature}: layer {layer} has features 0..{n_features - 1}.")
     chosen = _chosen_cells(adata, cells, n_cells, layer, index, activations_key)
@@ -201,11 +221,7 @@ def gene_attribution(
             "seed": int(seed),
         },
     }
-    if gene_sets is not None:
-        from .._genesets import gene_sets as load_gene_sets
-        from .._gsea import prerank
-
-        sets = load_gene_sets(gene_sets, adata=adata)
+    if sets is not None:
         ranking = pd.Series(table["mean_effect"].to_numpy(), index=table["gene"].to_numpy())
         result["gsea"] = prerank(ranking, sets, permutations=int(permutations), seed=int(seed))
     if copy:
@@ -249,7 +265,7 @@ def _correlational(adata: AnnData, activations_key: str, layer: int, index: int)
     n = np.asarray(genes["n_cells"], dtype=np.float64)
     col = sparse.csc_matrix(genes["sums"][Key.layer(layer)])[:, index].toarray().ravel()
     mean = np.divide(col, n, out=np.zeros_like(n), where=n > 0)
-    names = pd.Index([g.upper() for g in strings(genes["names"])])
+    names = pd.Index([clean_symbol(g) for g in strings(genes["names"])])
     return pd.Series(mean, index=names).groupby(level=0).first()
 
 
@@ -262,7 +278,7 @@ def _gene_table(effects: pd.DataFrame, correlational: pd.Series) -> pd.DataFrame
             "n_cells": by_gene.size().astype(np.int64),
         }
     )
-    upper = [str(g).upper() for g in table.index]
+    upper = [clean_symbol(g) for g in table.index]
     table["correlational_score"] = correlational.reindex(upper).to_numpy(dtype=np.float64)
     table = table.sort_values("mean_effect", ascending=False, kind="stable")
     return table.rename_axis("gene").reset_index()

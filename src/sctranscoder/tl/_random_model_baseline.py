@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from ..core.model import C2SModel
 
-#: What :func:`~sctranscoder._genesets.source_name` records for a source it cannot store.
+#: What annotations of sctranscoder 0.1 recorded for sources they could not store.
 _UNSTORED_SOURCES = {"dict", "DataFrame", "OrderedDict", "defaultdict", "MappingProxyType"}
 #: Annotation parameters passed again, as recorded.
 _ANNOTATION_PARAMS = ("method", "n_top", "fdr", "live_threshold", "min_size", "max_size", "seed")
@@ -114,7 +114,11 @@ def random_model_baseline(
     config = training_config(transcoder_record(adata, tc_key))
     if n_tokens is not None:
         config = config.replace(n_tokens=check_positive_int(n_tokens, "n_tokens"))
-    record_key = check_key(key_added or Key.derived(annotation_key, "random_model"))
+    record_key = check_key(
+        key_added or Key.derived(annotation_key, "random_model"),
+        adata=adata,
+        kind="random model baseline",
+    )
     check_copy_backed(adata, copy)
     gene_sets = _recorded_gene_sets(gene_sets, params)
     real = resolve_model(adata, tc_key, model)
@@ -183,7 +187,8 @@ def _recorded_gene_sets(gene_sets, params: dict):
     if gene_sets is not None:
         return gene_sets
     stored = str(params.get("gene_sets", ""))
-    if not stored or stored in _UNSTORED_SOURCES:
+    reloadable = bool(params.get("gene_sets_reloadable", stored not in _UNSTORED_SOURCES))
+    if not stored or not reloadable:
         raise ValueError(
             f"annotate_features was given gene sets as a {stored or 'non-storable object'}, "
             "which is not recorded: pass the same gene_sets to random_model_baseline."

@@ -188,7 +188,9 @@ def rank_features_groups(
 
     if groupby not in adata.obs:
         raise KeyError(f"adata.obs[{groupby!r}] not found; columns: {list(adata.obs.columns)}.")
-    key_added = check_key(key_added or Key.rank_features_groups)
+    key_added = check_key(
+        key_added or Key.rank_features_groups, adata=adata, kind="feature ranking"
+    )
     check_copy_backed(adata, copy)
     X, names, layer_of, index_of = feature_matrix(adata, layers, activations_key)
     column = adata.obs[groupby]

@@ -9,11 +9,13 @@ import pandas as pd
 from scanpy import logging as logg
 from scipy import sparse
 
-from .._constants import Key
+from .._constants import Key, NodeType
+from .._genesets import clean_symbol
 from .._records import (
     activation_layers,
     activations_record,
     check_key,
+    check_same_transcoders,
     circuit_record,
     obsm_activations,
 )
@@ -70,7 +72,8 @@ def score_circuit(
         ``adata.uns`` key of the activation record (default: the default record of the
         circuit's transcoders, ``"sct_activations"``).
     key_added
-        Prefix of what is written (default: the circuit's key).
+        ``adata.uns`` key of the record, which is also the ``adata.obs`` column of the feature
+        score (default ``f"{circuit}_score"``).
     copy
         Return a copy instead of writing to ``adata``.
 
@@ -78,23 +81,23 @@ def score_circuit(
     -------
     ``None``, or a copy of ``adata`` when ``copy=True``. Sets:
 
-    ``adata.obs[f"{key_added}_score"]`` : float
+    ``adata.obs[key_added]`` : float
         Feature score.
-    ``adata.obs[f"{key_added}_gene_score"]`` : float
+    ``adata.obs[f"{key_added}_genes"]`` : float
         Gene score (AUCell), when ``gene_score``.
-    ``adata.uns[f"{key_added}_score"]`` : dict
+    ``adata.uns[key_added]`` : dict
         ``params`` (``circuit``, ``activations_key``, ``n_top``); the ``layers``, ``features``
         and ``influence`` (their weights) of the features used; the ``genes`` of the gene set.
     """
     name, rec = circuit_record(adata, circuit)
     check_positive_int(n_top, "n_top")
     check_copy_backed(adata, copy)
-    prefix = check_key(key_added or name)
-    activations_key = activations_key or Key.activations(
-        str(rec["params"].get("transcoders_key", Key.transcoders))
-    )
+    score_col = check_key(key_added or Key.circuit_score(name), adata=adata, kind="circuit score")
+    transcoders_key = str(rec["params"].get("transcoders_key", Key.transcoders))
+    activations_key = activations_key or Key.activations(transcoders_key)
+    check_same_transcoders(adata, activations_key, transcoders_key)
     nodes = pd.DataFrame(rec["nodes"])
-    feats = nodes[(nodes["type"] == "feature") & (nodes["influence"] > 0)]
+    feats = nodes[(nodes["type"] == NodeType.FEATURE.label) & (nodes["influence"] > 0)]
     if feats.empty:
         raise ValueError(
             f"Circuit {name!r} keeps no feature; trace it with a larger node_threshold."
@@ -106,7 +109,7 @@ def score_circuit(
 
     if copy:
         adata = adata.copy()
-    score_col, gene_col = Key.circuit_scores(prefix)
+    gene_col = Key.gene_score(score_col)
     adata.obs[score_col] = score
     if gene_values is not None:
         adata.obs[gene_col] = gene_values
@@ -145,7 +148,7 @@ def _gene_score(adata: AnnData, genes: list[str], name: str) -> np.ndarray:
     import decoupler as dc
 
     X, names = _expression(adata)
-    upper = pd.Index([str(n).upper() for n in names])
+    upper = pd.Index([clean_symbol(n) for n in names])
     present = [g for g in genes if g in set(upper)]
     if not present:
         raise ValueError(f"None of the circuit's genes {genes[:5]}... is in the expression matrix.")

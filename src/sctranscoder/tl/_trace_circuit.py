@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from scanpy import logging as logg
 
 from .._constants import Key
+from .._genesets import gene_sets as load_gene_sets
 from .._records import (
     check_key,
     model_and_transcoders,
@@ -20,6 +21,7 @@ from ..core.attribution import build_graph, prune
 from ..core.circuit import circuit_tables
 from ..core.replacement import ReplacementModel
 from ..core.targets import resolve_target, teacher_forced
+from ._circuit_enrichment import enrich_circuit
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -41,10 +43,11 @@ def trace_circuit(
     batch_size: int = 32,
     gene_sets=None,
     n_top: int = 25,
+    allow_network: bool = False,
     sentence_key: str | None = None,
     key: str = Key.transcoders,
     key_added: str | None = None,
-    progress: bool = False,
+    progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
     """Trace the circuit behind one cell's prediction: an exact attribution graph, pruned.
@@ -86,6 +89,8 @@ def trace_circuit(
         ``adata.uns[f"{key_added}_enrichment"]``.
     n_top
         Genes tested for enrichment.
+    allow_network
+        Let a named gene set library be downloaded.
     sentence_key
         ``adata.obs`` column of the sentences (default: the one the transcoders were trained on).
     key
@@ -131,12 +136,12 @@ def trace_circuit(
     check_fraction(node_threshold, "node_threshold")
     check_fraction(edge_threshold, "edge_threshold")
     check_copy_backed(adata, copy)
-    record_key = check_key(key_added or Key.circuit(str(cell)))
+    record_key = check_key(key_added or Key.circuit(str(cell)), adata=adata, kind="circuit")
     sets = None
-    if gene_sets is not None:  # resolve first: nothing is written if they cannot be had
-        from .._genesets import gene_sets as load_gene_sets
-
-        sets = load_gene_sets(gene_sets, adata=adata, min_size=1, max_size=10**9)
+    if gene_sets is not None:  # resolved first (the loaded sets remember their source)
+        sets = load_gene_sets(
+            gene_sets, adata=adata, min_size=1, max_size=10**9, allow_network=allow_network
+        )
     sentence_key = sentence_key or recorded_sentence_key(transcoder_record(adata, key))
     model, tset = model_and_transcoders(adata, key, model)
     genes = sentences(adata[[cell]], sentence_key, n_genes=model.settings.n_genes)[0]
@@ -174,24 +179,29 @@ def trace_circuit(
         "sentence_key": sentence_key,
         "model_fingerprint": model.fingerprint,
     }
-    if copy:
-        adata = adata.copy()
-    adata.uns[record_key] = {
+    circuit = {
         "params": params,
         "nodes": nodes,
         "edges": edges,
         "genes": gene_table,
         "scores": scores,
     }
+    # enrichment before anything is written: a failing test leaves adata as it was
+    enriched = (
+        None if sets is None else enrich_circuit(adata, record_key, circuit, sets, n_top=n_top)
+    )
+    if copy:
+        adata = adata.copy()
+    adata.uns[record_key] = circuit
+    if enriched is not None:
+        adata.uns[Key.circuit_enrichment(record_key)] = enriched
     logg.info(
         f"    finished: {target_info.get('label') or target}, {int(scores['n_kept_features'])} "
         f"features kept of {int(scores['n_explored_features'])} explored, replacement "
         f"{scores['replacement_score']:.2f}, completeness {scores['completeness_score']:.2f}",
         time=start,
-        deep=f"added\n    {record_key!r}, the circuit (adata.uns)",
+        deep=f"added\n    {record_key!r}, the circuit"
+        + (f"\n    {Key.circuit_enrichment(record_key)!r}, its enrichment" if enriched else "")
+        + " (adata.uns)",
     )
-    if sets is not None:  # the loaded sets remember their source (GeneSets.source)
-        from ._circuit_enrichment import circuit_enrichment
-
-        circuit_enrichment(adata, circuit=record_key, gene_sets=sets, n_top=n_top)
     return adata if copy else None

@@ -13,11 +13,10 @@ from .._constants import Key
 from .._records import EMBED_LIMIT_BYTES, check_key, sentences, write_transcoders
 from .._validate import check_copy_backed, check_layers, model_or_default
 from ..core import distributed as dist
-from ..core.evaluation import layer_metrics, prediction_agreement, replacement_metrics
-from ..core.prompts import prompt_batches, split_cells
+from ..core.fit import fit_transcoders
+from ..core.prompts import split_cells
 from ..core.training import TrainingConfig
-from ..core.training import train_transcoders as _train
-from ..core.transcoder_set import TranscoderSet, manifest_sha256
+from ..core.transcoder_set import manifest_sha256
 
 if TYPE_CHECKING:
     import os
@@ -121,7 +120,8 @@ def train_transcoders(
         Base model name, fingerprint (checked whenever the transcoders are used), architecture
         and prompt settings.
     ``adata.uns[key_added]["metrics"]["layers"]`` : :class:`pandas.DataFrame`
-        Per layer on the validation cells: ``fvu`` (fraction of variance unexplained), ``l0``
+        One row per layer (index ``"layer_<i>"``, column ``layer``), on the validation cells:
+        ``fvu`` (fraction of variance unexplained), ``l0``
         (mean active features per token), ``dead_fraction`` (features that never fire),
         ``train_dead_fraction`` (not fired in the last ``dead_tokens`` training tokens),
         ``n_tokens``.
@@ -135,15 +135,10 @@ def train_transcoders(
         ``"train"`` or ``"validation"``.
     """
     config = (config or TrainingConfig()).replace(**overrides)
-    check_key(key_added)
+    check_key(key_added, adata=adata, kind="transcoders")
     check_copy_backed(adata, copy)
     if weights_dir is not None and Path(weights_dir).exists():
         raise FileExistsError(f"weights_dir {weights_dir} exists: choose a new directory.")
-    if config.batch_size % dist.world_size():
-        raise ValueError(
-            f"batch_size ({config.batch_size}) must be a multiple of the number of ranks "
-            f"({dist.world_size()}): it is the global batch, split evenly over the ranks."
-        )
     model = model_or_default(model)
     layers = check_layers(layers, model.n_layers)
     cells = sentences(adata, sentence_key, n_genes=model.settings.n_genes)
@@ -153,7 +148,7 @@ def train_transcoders(
         model.model.to(device)
 
     start = logg.info(f"training transcoders on {int((~is_val).sum())} cells")
-    tset, run = _train_and_evaluate(model, cells, is_val, layers, config, progress)
+    tset, run = fit_transcoders(model, cells, is_val, layers, config, progress=progress)
     run["sentence_key"] = sentence_key
     link = None
     if weights_dir is not None:  # rank 0 writes; every rank records rank 0's checksum
@@ -188,78 +183,3 @@ def train_transcoders(
         f"    {split!r}, train/validation split (adata.obs)",
     )
     return adata if copy else None
-
-
-def _train_and_evaluate(
-    model: C2SModel,
-    cells: list[list[str]],
-    is_val: np.ndarray,
-    layers: list[int],
-    config: TrainingConfig,
-    progress: bool,
-) -> tuple[TranscoderSet, dict]:
-    """Train on this rank's share of the training cells, evaluate on every validation cell.
-
-    Every rank evaluates all validation cells (no collective while some ranks work and others
-    wait), then rank 0's numbers are broadcast, so that every rank stores the same record.
-    """
-    train_cells, val_cells = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    rank_cells = np.asarray(dist.shard(train_cells))
-    if rank_cells.size == 0:
-        raise ValueError(
-            f"{train_cells.size} training cells cannot be shared by {dist.world_size()} ranks: "
-            "use more cells or fewer ranks."
-        )
-    dev, d = model.device, model.d_model
-    stream = prompt_batches(
-        model, cells, rank_cells, batch_size=config.prompt_batch_size, seed=config.seed, repeat=True
-    )
-    transcoders, log = _train(
-        model.model,
-        stream,
-        layers=layers,
-        config=config,
-        d_in=d,
-        d_out=d,
-        device=dev,
-        progress=progress,
-    )
-
-    def val_stream():
-        return prompt_batches(
-            model, cells, val_cells, batch_size=config.prompt_batch_size, seed=None, repeat=False
-        )
-
-    per_layer = layer_metrics(model.model, transcoders, val_stream(), device=dev)
-    whole = replacement_metrics(model.model, transcoders, val_stream(), device=dev)
-    whole["prediction_agreement"] = prediction_agreement(
-        model, transcoders, [cells[i] for i in val_cells]
-    )
-    facts = (per_layer, whole, log.dead_fraction, log.tokens, log.steps, log.seconds, str(dev))
-    per_layer, whole, train_dead, tokens, steps, seconds, dev_name = dist.broadcast_object(
-        facts, dev
-    )
-    metrics = {
-        "layers": {
-            "layer": layers,
-            "fvu": [per_layer[x]["fvu"] for x in layers],
-            "l0": [per_layer[x]["l0"] for x in layers],
-            "dead_fraction": [per_layer[x]["dead_fraction"] for x in layers],
-            "train_dead_fraction": [train_dead[x] for x in layers],
-            "n_tokens": [int(per_layer[x]["n_tokens"]) for x in layers],
-        },
-        "model": {k: float(v) for k, v in whole.items()},
-    }
-    run = {
-        "layers": np.asarray(layers, dtype=np.int64),
-        "lr": float(config.learning_rate(config.expansion_factor * d)),
-        "tokens_seen": int(tokens),
-        "steps": int(steps),
-        "train_seconds": float(seconds),
-        "device": dev_name,
-        "world_size": int(dist.world_size()),
-    }
-    tset = TranscoderSet(
-        transcoders, model=model.record(), config=config, run=dict(run), metrics=metrics
-    )
-    return tset, run

@@ -44,7 +44,8 @@ LOG_EVERY = 32
 
 @dataclass
 class TrainingLog:
-    """What happened in training, per layer: loss curve (per step), dead fraction at the end.
+    """What happened in training, per layer: loss curve (per step), dead fraction at the end;
+    and the learning rate used (``lr``).
 
     ``tokens`` counts tokens over all ranks; ``seconds`` is the wall time of training and
     ``timings`` (only with ``TrainingConfig(profile=True)``) its split by phase
@@ -54,6 +55,7 @@ class TrainingLog:
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    lr: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     loss: dict[int, list[float]] = field(default_factory=dict)
     fvu: dict[int, list[float]] = field(default_factory=dict)
@@ -119,7 +121,7 @@ class Trainer:
         }
         self.loss_fn = LayerLossFunction(config, self.device, self.timer)
         self.log = TrainingLog(
-            loss={la: [] for la in self.layers}, fvu={la: [] for la in self.layers}
+            loss={la: [] for la in self.layers}, fvu={la: [] for la in self.layers}, lr=self.lr
         )
         self.initialised = False
         # per step, its losses then FVUs (one entry per layer each), still on the device

@@ -1,0 +1,115 @@
+"""Train transcoders on cell sentences and measure them: the whole of a training run. Torch only."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import distributed as dist
+from .evaluation import layer_metrics, prediction_agreement, replacement_metrics
+from .prompts import prompt_batches
+from .training import TrainingConfig
+from .training import train_transcoders as _train
+from .transcoder_set import TranscoderSet
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .model import C2SModel
+
+
+def fit_transcoders(
+    model: C2SModel,
+    cells: Sequence[Sequence[str]],
+    is_val: np.ndarray,
+    layers: list[int],
+    config: TrainingConfig,
+    progress: bool = True,
+) -> tuple[TranscoderSet, dict]:
+    """Train transcoders on the training cells' prompts and measure them on the validation ones.
+
+    Parameters
+    ----------
+    model
+        The base model.
+    cells
+        One ranked gene list per cell.
+    is_val
+        Which cells are held out (:func:`~sctranscoder.core.prompts.split_cells`).
+    layers
+        MLP layers to train.
+    config
+        Training settings.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The :class:`TranscoderSet` (with its metrics) and the run's facts (``layers``, ``lr``,
+    ``tokens_seen``, ``steps``, ``train_seconds``, ``device``, ``world_size``).
+
+    Under ``torch.distributed`` each rank trains on its share of the training cells; every rank
+    evaluates all validation cells (no collective while some ranks work and others wait), then
+    rank 0's numbers are broadcast, so that every rank returns the same set and facts.
+    """
+    train_cells, val_cells = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    rank_cells = np.asarray(dist.shard(train_cells))
+    if rank_cells.size == 0:
+        raise ValueError(
+            f"{train_cells.size} training cells cannot be shared by {dist.world_size()} ranks: "
+            "use more cells or fewer ranks."
+        )
+    dev, d = model.device, model.d_model
+    stream = prompt_batches(
+        model, cells, rank_cells, batch_size=config.prompt_batch_size, seed=config.seed, repeat=True
+    )
+    transcoders, log = _train(
+        model.model,
+        stream,
+        layers=layers,
+        config=config,
+        d_in=d,
+        d_out=d,
+        device=dev,
+        progress=progress,
+    )
+
+    def val_stream():
+        return prompt_batches(
+            model, cells, val_cells, batch_size=config.prompt_batch_size, seed=None, repeat=False
+        )
+
+    per_layer = layer_metrics(model.model, transcoders, val_stream(), device=dev)
+    whole = replacement_metrics(model.model, transcoders, val_stream(), device=dev)
+    whole["prediction_agreement"] = prediction_agreement(
+        model, transcoders, [cells[i] for i in val_cells]
+    )
+    facts = (per_layer, whole, log.dead_fraction, log.tokens, log.steps, log.seconds, str(dev))
+    per_layer, whole, train_dead, tokens, steps, seconds, dev_name = dist.broadcast_object(
+        facts, dev
+    )
+    metrics = {
+        "layers": {
+            "layer": layers,
+            "fvu": [per_layer[x]["fvu"] for x in layers],
+            "l0": [per_layer[x]["l0"] for x in layers],
+            "dead_fraction": [per_layer[x]["dead_fraction"] for x in layers],
+            "train_dead_fraction": [train_dead[x] for x in layers],
+            "n_tokens": [int(per_layer[x]["n_tokens"]) for x in layers],
+        },
+        "model": {k: float(v) for k, v in whole.items()},
+    }
+    run = {
+        "layers": np.asarray(layers, dtype=np.int64),
+        "lr": float(log.lr),
+        "tokens_seen": int(tokens),
+        "steps": int(steps),
+        "train_seconds": float(seconds),
+        "device": dev_name,
+        "world_size": int(dist.world_size()),
+    }
+    tset = TranscoderSet(
+        transcoders, model=model.record(), config=config, run=dict(run), metrics=metrics
+    )
+    return tset, run
