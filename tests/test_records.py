@@ -205,7 +205,9 @@ def test_legacy_activations_are_reproduced(legacy):
     for layer in range(4):
         new, old = legacy.obsm[f"X_new_L{layer}"], legacy.obsm[f"X_sct_L{layer}"]
         assert new.shape == old.shape
-        assert (new != old).nnz == 0
+        # the same features fire; values agree to float32 rounding (BLAS kernels differ by CPU)
+        assert ((new != 0) != (old != 0)).nnz == 0
+        np.testing.assert_allclose(new.toarray(), old.toarray(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(  # 0.1 stored them in float32
             legacy.uns["new"]["firing_rate"][f"layer_{layer}"],
             legacy.uns["sct_activations"]["firing_rate"][f"layer_{layer}"],
@@ -278,7 +280,9 @@ def test_moved_weights_directory_says_how_to_relink(linked, tmp_path):
     sct.load_transcoders(moved, adata, link=True)
     assert str(adata.uns["sct"]["weights"]["path"]) == str(Path(moved).resolve())
     sct.tl.feature_activations(adata, layers=[1], genes=False, key_added="again", progress=False)
-    assert abs(adata.obsm["X_again_L1"] - adata.obsm["X_sct_L1"]).max() < 1e-6
+    np.testing.assert_allclose(  # float32 rounding of another batch composition
+        adata.obsm["X_again_L1"].toarray(), adata.obsm["X_sct_L1"].toarray(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_changed_weights_directory_is_refused(linked, trained_base, tmp_path):

@@ -11,6 +11,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import datasets, get, pl, pp, tl
+from ._circuit_tracer import export_circuit_tracer_graph, export_circuit_tracer_transcoders
 from ._io import load_transcoders, save_transcoders
 from ._logging import bridge_core_logs
 from .core.model import DEFAULT_C2S_MODEL, C2SModel, load_model
@@ -30,6 +31,8 @@ __all__ = [
     "TrainingConfig",
     "TranscoderSet",
     "datasets",
+    "export_circuit_tracer_graph",
+    "export_circuit_tracer_transcoders",
     "get",
     "load_model",
     "load_transcoders",

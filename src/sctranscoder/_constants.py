@@ -29,6 +29,8 @@ class Key:
     sentence = "cell_sentence"
     #: ``adata.uns`` record of :func:`sctranscoder.tl.rank_features_groups`.
     rank_features_groups = "rank_features_groups"
+    #: ``adata.uns`` record of :func:`sctranscoder.tl.feature_connections`.
+    feature_connections = "feature_connections"
     #: ``adata.uns`` container of circuits written by sctranscoder 0.1 (read for compatibility).
     legacy_circuits = "sct_circuits"
 

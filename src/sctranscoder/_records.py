@@ -96,6 +96,7 @@ _KINDS = {
     "circuit score": ("influence", "features", "genes", "params"),
     "gene attribution": ("genes", "effects", "agreement", "params"),
     "feature ranking": ("names", "scores", "group_means", "params"),
+    "feature connections": ("connections", "params"),
 }
 
 

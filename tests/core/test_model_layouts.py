@@ -9,16 +9,31 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from _models import TINY_VOCAB, c2s_410m_shrunk, tiny_gpt2, tiny_llama, tiny_neox, tiny_tokenizer
+from _models import (
+    TINY_VOCAB,
+    c2s_410m_shrunk,
+    tiny_gemma2,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_llama_family,
+    tiny_neox,
+    tiny_tokenizer,
+)
 from conftest import PYTHIA_TOKENIZER
 
 from sctranscoder.core.evaluation import layer_metrics
-from sctranscoder.core.hooks import capture_mlp_io, run_to_layers
+from sctranscoder.core.hooks import capture_mlp_io, replace_mlp_outputs, run_to_layers
 from sctranscoder.core.model import load_model, mlp_modules, model_fingerprint
 from sctranscoder.core.sentences import PromptSettings, rank_genes
 from sctranscoder.core.training import TrainingConfig, train_transcoders
 
-BUILDERS = {"gpt_neox": tiny_neox, "gpt2": tiny_gpt2, "llama": tiny_llama}
+BUILDERS = {
+    "gpt_neox": tiny_neox,
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+    "qwen2": tiny_llama_family,
+    "gemma2": tiny_gemma2,
+}
 GENES = [
     ["CD3D", "HLA-DRB1", "LYZ", "S100A8"],
     ["MS4A1", "CD79A"],
@@ -77,7 +92,10 @@ def test_captured_output_is_the_mlp_of_the_captured_input(arch):
     assert sorted(store) == [0, 2]
     for layer, (x, y) in store.items():
         assert x.shape == y.shape == (*ids.shape, 64)
-        torch.testing.assert_close(y, mlp_modules(model)[layer](x))
+        write = mlp_modules(model)[layer](x)
+        if arch == "gemma2":  # what the MLP adds to the residual: after the post-feedforward norm
+            write = _blocks(model)[layer].post_feedforward_layernorm(write)
+        torch.testing.assert_close(y, write)
 
 
 def test_gpt_neox_mlp_reads_the_normalised_layer_input():
@@ -140,6 +158,33 @@ def test_llama_mlp_reads_post_attention_layernorm():
         assert torch.equal(store[i][0], norms[i][0][0])
         residual = hidden[i] + attn[i][0][0]
         torch.testing.assert_close(store[i][0], block.post_attention_layernorm(residual))
+
+
+def test_gemma2_transcoders_read_the_pre_norm_and_write_after_the_post_norm():
+    """Input: pre_feedforward_layernorm of the residual after attention; output: what the
+    block adds to it (post_feedforward_layernorm of the MLP), so replacing it is exact.
+    """
+    model = tiny_gemma2(n_layers=2)
+    ids, mask = _prompt_ids()
+    blocks = _blocks(model)
+    attn = [_output_of(block.post_attention_layernorm) for block in blocks]
+    try:
+        with capture_mlp_io(model, [0, 1]) as store:
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    finally:
+        for _, handle in attn:
+            handle.remove()
+    hidden = hidden.hidden_states
+    for i, block in enumerate(blocks[:1]):
+        x, y = store[i]
+        mid = hidden[i] + attn[i][0][0]
+        torch.testing.assert_close(x, block.pre_feedforward_layernorm(mid))
+        torch.testing.assert_close(hidden[i + 1], mid + y)
+    # a replaced output is what enters the residual stream
+    with replace_mlp_outputs(model, {1: lambda x, y: torch.zeros_like(y)}):
+        cut = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(cut[1], hidden[1])
+    assert not torch.allclose(cut[2], hidden[2])
 
 
 @pytest.mark.parametrize("arch", BUILDERS)

@@ -106,3 +106,71 @@ def test_token_gene_index_from_offsets():
         token_gene_index(offsets, spans), [PROMPT_TEXT, 0, 0, 1, 1, PROMPT_TEXT, PROMPT_TEXT]
     )
     np.testing.assert_array_equal(token_gene_index([(0, 1), (1, 2)], []), [PROMPT_TEXT] * 2)
+
+
+# -- SentencePiece-style tokenizers (Gemma, Llama): a leading "▁" instead of a space ------------
+
+
+def _gemma_style_tokenizer(genes):
+    """Like Gemma's tokenizer.json: spaces replaced by "▁" in a normalizer and BPE pieces that
+    start at a "▁" (as SentencePiece trains them), trained here on gene symbols.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " ")])
+    corpus = [format_prompt(genes[i : i + 15], PromptSettings()) for i in range(0, len(genes), 5)]
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(vocab_size=500, special_tokens=["<eos>", "<pad>", "<unk>"]),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module", params=["metaspace_unigram", "gemma_style_bpe"])
+def sentencepiece_tokenizer(request):
+    import scanpy as sc
+
+    pbmc = sc.datasets.pbmc68k_reduced()
+    from _models import gene_sentencepiece_tokenizer
+
+    genes = list(pbmc.raw.var_names.str.upper()) + GENES + ["CD3", "CD3D", "CD3E", "CD3EAP"]
+    if request.param == "metaspace_unigram":
+        return gene_sentencepiece_tokenizer(genes)
+    return _gemma_style_tokenizer(genes)
+
+
+def _pieces(tokenizer, ids) -> str:
+    return "".join(tokenizer.convert_ids_to_tokens(ids)).replace("▁", " ")
+
+
+@pytest.mark.parametrize(
+    "genes",
+    [GENES, ["CD3", "CD3D", "CD3E", "CD3EAP", "CD3"], ["CD3D"]],
+    ids=["subwords", "shared_prefixes", "one_gene"],
+)
+def test_sentencepiece_tokens_map_to_their_genes(sentencepiece_tokenizer, genes):
+    tok = sentencepiece_tokenizer
+    batch = tokenize_prompts(tok, [genes], PromptSettings())
+    L = int(batch.lengths[0])
+    ids, gidx = batch.input_ids[0, :L].tolist(), batch.gene_index[0, :L].numpy()
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert any(p.startswith("▁") for p in pieces)  # really a SentencePiece-style vocabulary
+    for g, gene in enumerate(genes):
+        positions = np.flatnonzero(gidx == g)
+        assert positions.size, f"{gene} has no token"
+        assert (np.diff(positions) == 1).all(), f"tokens of {gene} are not contiguous"
+        text = _pieces(tok, [ids[p] for p in positions]).strip()
+        # a piece may carry the sentence's final "." with the last gene, never another gene
+        assert text == gene or (g == len(genes) - 1 and text == gene + "."), (gene, text)
+    # the first gene starts right after "Cell sentence:", whose tokens are prompt text
+    first = int(np.flatnonzero(gidx == 0)[0])
+    assert _pieces(tok, ids[:first]).endswith("Cell sentence:") or _pieces(
+        tok, ids[:first]
+    ).endswith("Cell sentence: ")
+    assert (gidx[:first] == PROMPT_TEXT).all()

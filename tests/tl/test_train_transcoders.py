@@ -87,7 +87,12 @@ def test_longer_sentences_are_cut_to_what_the_model_reads(trained_base, model):
     sct.pp.cell_sentences(small)
     assert small.obs["cell_sentence_n_genes"].max() > model.settings.n_genes
     sct.tl.feature_activations(small, layers=[2], genes=False, progress=False)
-    assert abs(small.obsm["X_sct_L2"] - trained_base.obsm["X_sct_L2"][:8]).max() < 1e-6
+    np.testing.assert_allclose(  # float32 rounding of another batch composition
+        small.obsm["X_sct_L2"].toarray(),
+        trained_base.obsm["X_sct_L2"][:8].toarray(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_train_copy_seed_and_layers(model):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .._constants import NodeType
 
 if TYPE_CHECKING:
-    from .replacement import ReplacementModel
+    from .replacement import Contributions, LinearOutputs, ReplacementModel
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +153,8 @@ class Attributor:
         else:
             raise ValueError(f"Unknown target kind {target.kind!r}: use 'logit' or 'feature'.")
         with torch.no_grad():
-            zero = self._sources(1, zero=True)
-            self._bias_ln2, self._bias_logits = rm.linear_forward(*zero)
-            full = self._sources(1)
-            self._ln2, self._logits = rm.linear_forward(*full)
+            self._bias_out = rm.linear_forward(*self._sources(1, zero=True))
+            self._out = rm.linear_forward(*self._sources(1))
 
     def _sources(self, B: int, *, zero: bool = False):
         f = self.rm.frozen
@@ -170,16 +168,16 @@ class Attributor:
         errs = {i: make(f.errors[i]) for i in range(self.n_layers)}
         return emb, vals, errs
 
-    def _node_scalar(self, node: int, ln2, logits, b: int) -> torch.Tensor:
+    def _node_scalar(self, node: int, out: LinearOutputs, b: int) -> torch.Tensor:
         """The value of ``node`` in batch element ``b`` of a linear forward's outputs."""
         if node == self.target_node and self.target.kind == "logit":
-            row = logits[b, self.T - 1]
-            out = row[self.target.token]
-            return out - row.mean() if self.target.subtract_mean else out
+            row = out.logits[b, self.T - 1]
+            value = row[self.target.token]
+            return value - row.mean() if self.target.subtract_mean else value
         layer, pos = int(self.layer[node]), int(self.position[node])
         feat = int(self.feature[node])
         tc = self.rm.transcoders[layer]
-        return ln2[layer][b, pos] @ tc.W_enc[feat] + tc.b_enc[feat]
+        return out.mlp_inputs[layer][b, pos] @ tc.W_enc[feat] + tc.b_enc[feat]
 
     def _depth(self, node: int) -> int:
         """Layer whose MLP input the node reads (``n_layers`` for a logit target)."""
@@ -190,46 +188,96 @@ class Attributor:
     def target_value(self) -> float:
         """The target's value on the prompt."""
         with torch.no_grad():
-            return float(self._node_scalar(self.target_node, self._ln2, self._logits, 0))
+            return float(self._node_scalar(self.target_node, self._out, 0))
+
+    def _rows_from(self, c: Contributions) -> torch.Tensor:
+        """``(B, n_nodes)`` rows from per-source contributions."""
+        B = c.embeddings.shape[0]
+        rows = torch.zeros(B, self.node_type.size, device=c.embeddings.device)
+        rows[:, : self.T] = c.embeddings
+        for i in range(self.n_layers):
+            pos, slot, off = self.slots[i]
+            if i in c.errors:
+                lo = self.T * (1 + i)
+                rows[:, lo : lo + self.T] = c.errors[i]
+                rows[:, off : off + pos.numel()] = c.values[i][:, pos, slot]
+        return rows
+
+    def _seeds(self, nodes: list[int]) -> dict:
+        """What each node reads, as readout weights for :meth:`ReplacementModel.contributions`:
+        the target logit's unembedding row (minus the mean row) on the final norm's output at
+        the last position, or a feature's encoder row on its layer's MLP input at its position.
+        """
+        B, T, d = len(nodes), self.T, self.rm.frozen.embeddings.shape[1]
+        device = self.rm.frozen.embeddings.device
+        final, mlp_inputs = None, {}
+        for b, n in enumerate(nodes):
+            if n == self.target_node and self.target.kind == "logit":
+                if final is None:
+                    final = torch.zeros(B, T, d, device=device)
+                W_U = self.rm.arch.W_U
+                u = W_U[self.target.token]
+                final[b, T - 1] = u - W_U.mean(0) if self.target.subtract_mean else u
+            else:
+                layer = int(self.layer[n])
+                if layer not in mlp_inputs:
+                    mlp_inputs[layer] = torch.zeros(B, T, d, device=device)
+                W_enc = self.rm.transcoders[layer].W_enc
+                mlp_inputs[layer][b, int(self.position[n])] = W_enc[int(self.feature[n])]
+        return {"final": final, "mlp_inputs": mlp_inputs}
 
     def rows(self, nodes: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Incoming edges of ``nodes``: ``(len(nodes), n_nodes)``, plus their bias and value."""
         out = np.zeros((len(nodes), self.node_type.size), dtype=np.float32)
         biases = np.zeros(len(nodes))
         values = np.zeros(len(nodes))
-        f = self.rm.frozen
-        # batches of similar depth: the forward stops after the deepest target of the batch
+        # batches of similar depth: the backward starts at the deepest node of the batch
         order = sorted(range(len(nodes)), key=lambda j: self._depth(nodes[j]))
         for start in range(0, len(nodes), self.batch_size):
             where = order[start : start + self.batch_size]
             chunk = [nodes[j] for j in where]
-            B = len(chunk)
-            emb, vals, errs = self._sources(B)
-            leaves = [emb, *vals.values(), *errs.values()]
-            for x in leaves:
-                x.requires_grad_(True)
-            deepest = max(self._depth(n) for n in chunk)
-            upto = None if deepest >= self.n_layers else deepest
-            ln2, logits = self.rm.linear_forward(emb, vals, errs, upto=upto)
-            total = sum(self._node_scalar(n, ln2, logits, b) for b, n in enumerate(chunk))
-            grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
-            g_emb = grads[0]
-            g_vals = grads[1 : 1 + self.n_layers]
-            g_errs = grads[1 + self.n_layers :]
+            c = self.rm.contributions(**self._seeds(chunk))
+            out[where] = self._rows_from(c).cpu().numpy()
             with torch.no_grad():
-                rows = torch.zeros(B, self.node_type.size, device=emb.device)
-                rows[:, : self.T] = (g_emb * f.embeddings).sum(-1)
-                for i in range(self.n_layers):
-                    lo = self.T * (1 + i)
-                    rows[:, lo : lo + self.T] = (g_errs[i] * f.errors[i]).sum(-1)
-                    pos, slot, off = self.slots[i]
-                    contrib = g_vals[i] * f.values[i]  # (B, T, k)
-                    rows[:, off : off + pos.numel()] = contrib[:, pos, slot]
-                out[where] = rows.cpu().numpy()
                 for j, n in zip(where, chunk, strict=True):
-                    biases[j] = float(self._node_scalar(n, self._bias_ln2, self._bias_logits, 0))
-                    values[j] = float(self._node_scalar(n, self._ln2, self._logits, 0))
+                    biases[j] = float(self._node_scalar(n, self._bias_out, 0))
+                    values[j] = float(self._node_scalar(n, self._out, 0))
         return out, biases, values
+
+    def head_rows(self, node: int) -> tuple[np.ndarray, np.ndarray]:
+        """``node``'s incoming edges split by the last attention head on their paths.
+
+        Every path from a source to ``node`` either never passes through attention (the
+        *direct* part: the residual stream at the node's position, and transcoder skip
+        connections) or has a last attention head ``(l, h)``; the edge is the sum of these parts.
+        The part of ``(l, h)`` is the source's effect on what the head writes, read by the node
+        through non-attention paths: with ``G_l`` the node's gradient at the point where layer
+        ``l``'s attention writes, computed with every attention path cut, it is the source's
+        value times the gradient of ``G_l . write(l, h)``.
+
+        Returns
+        -------
+        ``heads`` ``(n, 3)`` int array of (row, layer, head) and ``rows`` ``(n + 1, n_nodes)``:
+        the direct part first, then one row per head.
+        """
+        depth = self._depth(node)
+        layers = list(range(min(depth + 1, self.n_layers)))
+        seeds = self._seeds([node])
+        direct = self.rm.contributions(**seeds, attention=False, attention_grads=layers)
+        readouts = {i: self.rm.head_readout(i, direct.attention_grads[i][0]) for i in layers}
+        heads = [(i, h) for i in layers for h in range(self.rm.layers[i].attention.n_heads)]
+        parts = [self._rows_from(direct).cpu().numpy()]
+        for start in range(0, len(heads), self.batch_size):
+            chunk = heads[start : start + self.batch_size]
+            B = len(chunk)
+            readout = {}
+            for b, (i, h) in enumerate(chunk):
+                if i not in readout:
+                    readout[i] = torch.zeros(B, *readouts[i].shape, device=readouts[i].device)
+                readout[i][b, :, h] = readouts[i][:, h]
+            parts.append(self._rows_from(self.rm.contributions(head_readout=readout)).cpu().numpy())
+        table = np.array([(j, i, h) for j, (i, h) in enumerate(heads, start=1)], dtype=np.int64)
+        return table.reshape(-1, 3), np.concatenate(parts)
 
 
 def influence(graph: Graph) -> np.ndarray:

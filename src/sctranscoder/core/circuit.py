@@ -116,3 +116,39 @@ def gene_table(
         index=pd.Index(genes, name=None),
     )
     return df.sort_values("influence", ascending=False)
+
+
+def head_table(
+    node: str,
+    heads: np.ndarray,
+    rows: np.ndarray,
+    names: np.ndarray,
+    source_genes: np.ndarray,
+) -> pd.DataFrame:
+    """Per attention head, how much of ``node``'s incoming edges flows through it.
+
+    ``heads``: ``(n, 3)`` (row, layer, head) and ``rows``: the direct part first, then one row
+    per head, as returned by :meth:`~sctranscoder.core.attribution.Attributor.head_rows`.
+    ``names`` and ``source_genes``: per graph node, its id and its gene (``""`` for none).
+    The direct part (paths without attention) is the row with ``layer == head == -1``.
+    """
+    rows = rows.astype(np.float64)
+    absolute = np.abs(rows)
+    total_abs = absolute.sum()
+    top = absolute.argmax(1)
+    has = absolute.max(1) > 0
+    layer = np.concatenate([[-1], heads[:, 1]])
+    head = np.concatenate([[-1], heads[:, 2]])
+    return pd.DataFrame(
+        {
+            "node": np.full(len(rows), node, dtype=object),
+            "layer": layer.astype(np.int64),
+            "head": head.astype(np.int64),
+            "attribution": rows.sum(1),
+            "abs_attribution": absolute.sum(1),
+            "fraction": absolute.sum(1) / total_abs if total_abs > 0 else np.zeros(len(rows)),
+            "top_source": np.where(has, names[top].astype(str), ""),
+            "top_source_gene": np.where(has, source_genes[top].astype(str), ""),
+            "top_source_attribution": rows[np.arange(len(rows)), top],
+        }
+    )

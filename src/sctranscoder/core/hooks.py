@@ -1,7 +1,10 @@
 """Forward hooks on the MLPs of a causal LM: read their inputs and outputs, or replace outputs.
 
-One forward pass serves every hooked layer. When only reading, the pass stops after the highest
-hooked layer, so the layers above it (and the unembedding) cost nothing.
+An MLP's *input* is what its module reads (the normalised residual stream); its *output* is what
+it adds to the residual stream: the MLP module's output, or in Gemma-2 the output of the norm that
+follows it (see :func:`~sctranscoder.core.architectures.mlp_write_modules`). One forward pass
+serves every hooked layer. When only reading, the pass stops after the highest hooked layer, so
+the layers above it (and the unembedding) cost nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .architectures import mlp_write_modules
 from .model import mlp_modules
 
 if TYPE_CHECKING:
@@ -32,20 +36,23 @@ def capture_mlp_io(
     """
     mlps = mlp_modules(model)
     _check_layers(layers, len(mlps))
+    writes = mlp_write_modules(model, mlps)
     store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     top = max(layers)
     handles = []
 
-    def make_hook(layer: int):
+    def make_hook(layer: int, inputs_of: dict):
         def hook(_module, inputs, output):
-            store[layer] = (inputs[0].detach(), output.detach())
+            x = inputs_of.pop(layer) if inputs_of else inputs[0]
+            store[layer] = (x.detach(), output.detach())
             if layer == top and getattr(model, "_sct_stop_early", False):
                 raise _StopForward
 
         return hook
 
     for layer in layers:
-        handles.append(mlps[layer].register_forward_hook(make_hook(layer)))
+        inputs_of = _inputs_of(mlps[layer], writes[layer], layer, handles)
+        handles.append(writes[layer].register_forward_hook(make_hook(layer, inputs_of)))
     try:
         yield store
     finally:
@@ -72,21 +79,36 @@ def replace_mlp_outputs(
     """Replace MLP outputs: ``replacements[layer](mlp_input, mlp_output) -> new_output``."""
     mlps = mlp_modules(model)
     _check_layers(list(replacements), len(mlps))
+    writes = mlp_write_modules(model, mlps)
     handles = []
 
-    def make_hook(fn):
+    def make_hook(layer: int, fn, inputs_of: dict):
         def hook(_module, inputs, output):
-            return fn(inputs[0], output).to(output.dtype)
+            x = inputs_of.pop(layer) if inputs_of else inputs[0]
+            return fn(x, output).to(output.dtype)
 
         return hook
 
     for layer, fn in replacements.items():
-        handles.append(mlps[layer].register_forward_hook(make_hook(fn)))
+        inputs_of = _inputs_of(mlps[layer], writes[layer], layer, handles)
+        handles.append(writes[layer].register_forward_hook(make_hook(layer, fn, inputs_of)))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _inputs_of(mlp: nn.Module, write: nn.Module, layer: int, handles: list) -> dict:
+    """Where the MLP's input waits for the hook on ``write`` (empty when ``write`` is the MLP)."""
+    inputs_of: dict[int, torch.Tensor] = {}
+    if write is not mlp:
+
+        def keep(_module, inputs):
+            inputs_of[layer] = inputs[0]
+
+        handles.append(mlp.register_forward_pre_hook(keep))
+    return inputs_of
 
 
 def _check_layers(layers: Sequence[int], n_layers: int) -> None:

@@ -1,8 +1,9 @@
 """Causal language models that read cell sentences: loading, identity, MLP layout, prediction.
 
-Any Hugging Face causal LM works: given as an object, a local directory or a hub id. GPT-NeoX
-(Pythia, parallel residual, as in Cell2Sentence) is first-class; GPT-2 and Llama-family layouts are
-supported for hooking MLPs. No AnnData here.
+Any Hugging Face causal LM works: given as an object, a local directory or a hub id. The families
+of :mod:`.architectures` (GPT-NeoX as in C2S-Pythia, Llama/Mistral/Qwen2, Gemma-2 as in
+C2S-Scale, GPT-2) are first-class: transcoders, activations and circuits; any other model whose
+blocks have an ``mlp`` gets transcoders and activations. No AnnData here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import family
 from .sentences import PromptSettings
 from .tokens import TokenizedPrompts, tokenize_prompts
 
@@ -100,6 +102,7 @@ class C2SModel:
             "architecture": str(getattr(cfg, "model_type", type(self.model).__name__)),
             "n_layers": int(self.n_layers),
             "d_model": int(self.d_model),
+            "family": str(family(self.model) or ""),
             "parallel_residual": bool(getattr(cfg, "use_parallel_residual", False)),
             "n_genes": int(self.settings.n_genes),
             "template": str(self.settings.template),

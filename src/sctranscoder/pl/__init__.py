@@ -1,7 +1,7 @@
 """Plots."""
 
 from ._activations import activations
-from ._circuit import circuit, circuit_genes
+from ._circuit import circuit, circuit_genes, circuit_heads
 from ._feature import feature
 from ._interpretability import interpretability
 
@@ -9,6 +9,7 @@ __all__ = [
     "activations",
     "circuit",
     "circuit_genes",
+    "circuit_heads",
     "feature",
     "interpretability",
 ]

@@ -470,3 +470,92 @@ def _title(record: dict, n_nodes: int, n_edges: int) -> str:
         if k in scores
     ]
     return head + "\n" + " · ".join([*parts, shown])
+
+
+def circuit_heads(
+    adata: AnnData,
+    circuit: str,
+    *,
+    node: str = "target",
+    value: str = "attribution",
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
+    """Heatmap of what flows through each attention head (layer x head) into a circuit's node.
+
+    Cells show the node's incoming edges that pass last through that head (see the ``heads``
+    table of :func:`sctranscoder.tl.trace_circuit`); the part that passes through no attention
+    (the residual stream at the node's position) is given in the title. Each cell is annotated
+    with the gene that sends most through the head when it takes at least 5% of the total.
+
+    Parameters
+    ----------
+    adata
+        Annotated data after :func:`sctranscoder.tl.trace_circuit`.
+    circuit
+        The circuit's key in ``adata.uns`` (or its cell's name).
+    node
+        A node of the circuit's ``head_nodes`` (default the target).
+    value
+        ``"attribution"`` (signed, diverging colours) or ``"fraction"`` (share of the node's
+        total absolute attribution).
+    ax, show, return_fig
+        As in :func:`sctranscoder.pl.circuit`.
+    save
+        ``True`` or a file-name suffix: save to ``sc.settings.figdir``
+        (``<key>_heads<suffix>.<format>``).
+
+    Returns
+    -------
+    The figure with ``return_fig``; else the axes, unless shown.
+    """
+    import matplotlib.pyplot as plt
+
+    if value not in ("attribution", "fraction"):
+        raise ValueError(f"value must be 'attribution' or 'fraction', got {value!r}.")
+    name, record = circuit_record(adata, circuit)
+    heads = record.get("heads")
+    if heads is None:
+        raise KeyError(
+            f"Circuit {name!r} has no attention-head table; trace it again with this version of "
+            "sct.tl.trace_circuit."
+        )
+    table = heads[heads["node"] == node]
+    if table.empty:
+        nodes = sorted(set(heads["node"]))
+        raise KeyError(
+            f"Node {node!r} has no head table in circuit {name!r}; it has: {nodes}. Trace with "
+            f"head_nodes=[..., {node!r}]."
+        )
+    direct = table[table["head"] < 0]
+    per_head = table[table["head"] >= 0]
+    grid = per_head.pivot(index="layer", columns="head", values=value)
+    genes = per_head.pivot(index="layer", columns="head", values="top_source_gene")
+    share = per_head.pivot(index="layer", columns="head", values="fraction")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 + 0.55 * grid.shape[1], 1.0 + 0.32 * grid.shape[0]))
+    data = grid.to_numpy(dtype=float)
+    if value == "attribution":
+        lim = float(np.nanmax(np.abs(data))) or 1.0
+        im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    else:
+        im = ax.imshow(data, cmap="Reds", vmin=0, aspect="auto")
+    vmax = float(np.nanmax(np.abs(data))) or 1.0
+    for (i, j), frac in np.ndenumerate(share.to_numpy(dtype=float)):
+        gene = genes.iat[i, j]
+        if frac >= 0.05 and gene:
+            dark = abs(data[i, j]) / vmax > 0.6
+            ax.text(j, i, gene, ha="center", va="center", fontsize=6, color="w" if dark else "k")
+    ax.set_xticks(range(grid.shape[1]), grid.columns.astype(int))
+    ax.set_yticks(range(grid.shape[0]), grid.index.astype(int))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.figure.colorbar(im, ax=ax, label=value, shrink=0.8)
+    d = direct[value].iloc[0] if len(direct) else float("nan")
+    target = _target_label(record.get("params", {})) if node == "target" else node
+    ax.set_title(f"Attention heads into {target}\n(no attention: {value} {d:.3g})", fontsize=9)
+    return finish(
+        ax.figure, ax, writekey=f"{name}_heads", show=show, save=save, return_fig=return_fig
+    )

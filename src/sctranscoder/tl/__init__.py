@@ -3,6 +3,7 @@
 from ._annotate_features import annotate_features
 from ._circuit_enrichment import circuit_enrichment
 from ._feature_activations import feature_activations
+from ._feature_connections import feature_connections
 from ._gene_attribution import gene_attribution
 from ._random_model_baseline import random_model_baseline
 from ._rank_features_groups import rank_features_groups
@@ -14,6 +15,7 @@ __all__ = [
     "annotate_features",
     "circuit_enrichment",
     "feature_activations",
+    "feature_connections",
     "gene_attribution",
     "random_model_baseline",
     "rank_features_groups",

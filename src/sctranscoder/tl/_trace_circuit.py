@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+import pandas as pd
 from scanpy import logging as logg
 
-from .._constants import Key
+from .._constants import Key, is_feature_name
 from .._genesets import gene_sets as load_gene_sets
 from .._records import (
     check_key,
@@ -17,13 +19,16 @@ from .._records import (
     transcoder_record,
 )
 from .._validate import check_copy_backed, check_fraction, check_positive_int
-from ..core.attribution import build_graph, prune
-from ..core.circuit import circuit_tables
+from ..core.attribution import Attributor, build_graph, prune
+from ..core.circuit import circuit_tables, head_table, node_names
+from ..core.connections import edge_split
 from ..core.replacement import ReplacementModel
 from ..core.targets import resolve_target, teacher_forced
 from ._circuit_enrichment import enrich_circuit
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anndata import AnnData
 
     from ..core.model import C2SModel
@@ -41,6 +46,7 @@ def trace_circuit(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     batch_size: int = 32,
+    head_nodes: Sequence[str] = ("target",),
     gene_sets=None,
     n_top: int = 25,
     allow_network: bool = False,
@@ -58,6 +64,10 @@ def trace_circuit(
     errors, and the edges between them (direct effects through the residual stream and attention
     value/output paths) are computed exactly by batched backward passes. Features are explored in
     order of influence on the target, then nodes and edges are pruned by influence.
+
+    Works on every family of :mod:`sctranscoder.core.architectures`: GPT-NeoX (C2S-Pythia),
+    Llama/Mistral/Qwen2, Gemma-2 (C2S-Scale) and GPT-2. For Gemma-2, logit targets are the logits
+    before the final soft-cap (monotone, not linear).
 
     Parameters
     ----------
@@ -83,6 +93,9 @@ def trace_circuit(
         Fractions of influence kept by pruning nodes and edges.
     batch_size
         Target nodes per backward pass.
+    head_nodes
+        Nodes whose incoming edges are split by attention head (``"target"`` and node ids such
+        as ``"L2F17@40"`` of explored features), into the ``heads`` table.
     gene_sets
         If given, the circuit's top ``n_top`` genes are tested against these gene sets (see
         :func:`circuit_enrichment` for the sources and the test), into
@@ -114,7 +127,22 @@ def trace_circuit(
         ``input_sum`` (sum of all incoming edges, before pruning) and ``bias``, with
         ``value == input_sum + bias`` exactly.
     ``edges`` : :class:`pandas.DataFrame`
-        ``source``, ``target``, ``weight`` (direct effect) of kept edges.
+        ``source``, ``target``, ``weight`` (direct effect) of kept edges; for edges from a
+        feature to a feature or a logit target also ``connection`` (input-independent:
+        ``f_enc . (w * f_dec)`` through the reading norm's weight, see
+        :func:`feature_connections`), ``source_activation``, ``norm_scale`` (the reading norm's
+        frozen ``1/rms`` at the target's position) and ``residual_part`` (``source_activation *
+        norm_scale * connection`` at the same position, else 0: the part of the weight that
+        flows through the residual stream alone; the rest flows through attention), NaN for
+        other edges.
+    ``heads`` : :class:`pandas.DataFrame`
+        For each node of ``head_nodes``, its incoming edges (all sources, before pruning) split
+        by the last attention head ``(layer, head)`` on their paths, exactly: per ``node``,
+        ``layer``, ``head`` (``-1, -1`` for the direct part, paths without attention),
+        ``attribution`` (sum of the parts; over a node's rows it sums to ``input_sum``),
+        ``abs_attribution``, ``fraction`` (of the node's total absolute parts), ``top_source``,
+        ``top_source_gene`` and ``top_source_attribution`` (the source sending most through
+        the head).
     ``genes`` : :class:`pandas.DataFrame`
         Per gene of the prompt, most influential first: ``influence`` (on the target, of the
         gene's embedding nodes plus its explored feature nodes, before pruning),
@@ -136,6 +164,12 @@ def trace_circuit(
     check_fraction(node_threshold, "node_threshold")
     check_fraction(edge_threshold, "edge_threshold")
     check_copy_backed(adata, copy)
+    head_nodes = [head_nodes] if isinstance(head_nodes, str) else list(head_nodes)
+    bad = [n for n in head_nodes if n != "target" and not _is_feature_node(n)]
+    if bad:
+        raise ValueError(
+            f"head_nodes must be 'target' or feature node ids such as 'L2F17@40'; got {bad}."
+        )
     record_key = check_key(key_added or Key.circuit(str(cell)), adata=adata, kind="circuit")
     sets = None
     if gene_sets is not None:  # resolved first (the loaded sets remember their source)
@@ -153,16 +187,31 @@ def trace_circuit(
     ids, gene_index = teacher_forced(model, genes, answer_ids)
     start = logg.info(f"tracing the circuit of cell {cell}")
     t0 = time.perf_counter()
+    rm = ReplacementModel(model.model, tset, ids)
     graph = build_graph(
-        ReplacementModel(model.model, tset, ids),
-        tgt,
-        max_feature_nodes=max_feature_nodes,
-        batch_size=batch_size,
-        progress=progress,
+        rm, tgt, max_feature_nodes=max_feature_nodes, batch_size=batch_size, progress=progress
     )
+    names = node_names(graph)
+    where = {name: i for i, name in enumerate(names)}
+    missing = [n for n in head_nodes if where.get(n) not in graph.rows]
+    if missing:
+        raise ValueError(
+            f"head_nodes {missing} are not explored nodes of this circuit; pass 'target' or ids "
+            "of explored features (trace once, then pick from the `nodes` table)."
+        )
     pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
     tokens = [model.tokenizer.decode([t]) for t in ids.tolist()]
     nodes, edges, gene_table = circuit_tables(graph, pruned, tokens, genes, gene_index)
+    for column, values in edge_split(rm, graph, pruned.edges, tgt).items():
+        edges[column] = values
+    at = Attributor(rm, tgt, batch_size=batch_size)
+    source_genes = np.array([genes[g] if g >= 0 else "" for g in gene_index], dtype=object)[
+        graph.position
+    ]
+    heads = pd.concat(
+        [head_table(n, *at.head_rows(where[n]), names, source_genes) for n in head_nodes],
+        ignore_index=True,
+    )
     scores = dict(pruned.scores)
     scores["target_value"] = float(graph.value[graph.target_node])
     scores["seconds"] = float(time.perf_counter() - t0)
@@ -174,6 +223,8 @@ def trace_circuit(
         "max_feature_nodes": int(max_feature_nodes),
         "node_threshold": float(node_threshold),
         "edge_threshold": float(edge_threshold),
+        "head_nodes": list(head_nodes),
+        "family": rm.arch.family,
         "n_tokens": int(ids.numel()),
         "transcoders_key": key,
         "sentence_key": sentence_key,
@@ -183,6 +234,7 @@ def trace_circuit(
         "params": params,
         "nodes": nodes,
         "edges": edges,
+        "heads": heads,
         "genes": gene_table,
         "scores": scores,
     }
@@ -205,3 +257,9 @@ def trace_circuit(
         + " (adata.uns)",
     )
     return adata if copy else None
+
+
+def _is_feature_node(name: str) -> bool:
+    """Whether ``name`` reads like a feature node id ``"L<l>F<j>@<pos>"``."""
+    feature, _, pos = str(name).partition("@")
+    return pos.isdigit() and is_feature_name(feature)
