@@ -36,7 +36,28 @@ TOKENIZER = ROOT.parent / "shared" / "assets" / "pythia_20B_tokenizer.json"
 
 
 def _rss_mib() -> float:
+    """Peak resident memory of this process since the last :func:`_reset_peak` (Linux's
+    ``VmHWM``; ``ru_maxrss`` where /proc is not readable).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    """Start the peak over from the current resident memory (building the model is not
+    traced, so its peak must not count).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _random_transcoders(d: int, n_layers: int, n_features: int):
@@ -90,8 +111,10 @@ def _case(kind: str, n_genes: int, max_feature_nodes: int, threads: int, queue) 
     batch = model.tokenize([sentence])
     ids = batch.input_ids[0, : int(batch.lengths[0])]
     token = model.tokenizer(" CD", add_special_tokens=False)["input_ids"][0]
-    model_rss = _rss_mib()
-    base = _rss_mib()
+    with torch.no_grad():  # pages in every weight (loading maps the files lazily)
+        model.model(input_ids=ids[None])
+    loaded = _common.current_rss_mib()
+    _reset_peak()
     t0 = time.perf_counter()
     rm = ReplacementModel(model.model, tcs, ids)
     t1 = time.perf_counter()
@@ -124,13 +147,13 @@ def _case(kind: str, n_genes: int, max_feature_nodes: int, threads: int, queue) 
             "seconds_prune": t3 - t2,
             "seconds_total": t3 - t0,
             "seconds_head_split_of_target": t4 - t3,
-            "n_heads": len(heads),
+            "n_heads": len(heads) - 1,  # the first row is the direct part
             "max_head_split_error": head_error,
             "max_abs_target_edge": float(np.abs(target_row).max()),
             "max_logit_error_vs_hf": logit_error,
             "peak_rss_mib": _rss_mib(),
-            "rss_before_tracing_mib": base,
-            "rss_model_and_transcoders_mib": model_rss,
+            "rss_loaded_mib": loaded,
+            "peak_over_loaded_mib": _rss_mib() - loaded,
             "max_feature_nodes": max_feature_nodes,
             "rows_mib": len(graph.rows) * graph.n_nodes * 4 / 2**20,
             "n_nodes": int(graph.n_nodes),

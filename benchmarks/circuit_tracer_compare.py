@@ -12,9 +12,11 @@ own (so its peak memory is its own), and compares::
     .venv/bin/python benchmarks/circuit_tracer_compare.py --ct-python /tmp/ctvenv/bin/python \
         --topk 8 --out benchmarks/results/circuit_tracer_compare_topk_cpu.json
 
-Compared: the edges into the target and into every feature both sides explored, from every
-source except those at position 0 (circuit-tracer zeroes all features at the first position, so
-its error term there differs from ours). A missing edge counts as weight 0.
+Compared: the edges into the target and into every feature both sides explored, from every source
+circuit-tracer keeps in its adjacency (its explored features, errors and tokens; it drops the
+columns of the other active features, which we keep), except sources at position 0
+(circuit-tracer zeroes all features at the first position, so its error term there differs from
+ours). A missing edge counts as weight 0.
 """
 
 from __future__ import annotations
@@ -88,7 +90,13 @@ def compare(ours: list, theirs: list) -> dict:
     b = {(s, t): w for s, t, w, *_ in theirs}
     rows_a, rows_b = {t for _, t in a}, {t for _, t in b}
     rows = rows_a & rows_b
-    keys = sorted(k for k in set(a) | set(b) if k[1] in rows and not k[0].endswith("@0"))
+    # circuit-tracer's adjacency has columns for its explored features, errors and tokens only:
+    # our edges from the other active features have no counterpart
+    sources_b = {s for s, _ in b} | rows_b
+    keys = sorted(
+        k for k in set(a) | set(b) if k[1] in rows and k[0] in sources_b and not k[0].endswith("@0")
+    )
+    unmatched = sum(1 for s, t in a if t in rows and s not in sources_b)
     x = np.array([a.get(k, 0.0) for k in keys])
     y = np.array([b.get(k, 0.0) for k in keys])
     diff = np.abs(x - y)
@@ -103,6 +111,7 @@ def compare(ours: list, theirs: list) -> dict:
         "edges_compared": len(keys),
         "edges_only_ours": sum(k not in b for k in keys),
         "edges_only_circuit_tracer": sum(k not in a for k in keys),
+        "edges_ours_from_features_circuit_tracer_leaves_out": unmatched,
         "max_abs_difference": float(diff.max()),
         "median_abs_difference": float(np.median(diff)),
         "max_abs_weight": scale,

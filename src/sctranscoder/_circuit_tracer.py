@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -843,7 +842,7 @@ def _write_transcoder_dir(
     import yaml
     from safetensors.numpy import save_file
 
-    from .core.transcoder_set import _fsync_dir, _replace_dir
+    from .core.transcoder_set import atomic_directory
 
     if path.exists() and not overwrite:
         raise FileExistsError(
@@ -854,16 +853,8 @@ def _write_transcoder_dir(
             f"{path} exists and is not a circuit-tracer transcoder directory (config.yaml and "
             "layer files only): overwrite=True replaces only those. Choose a new directory."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         for layer, arrays in tensors.items():
             save_file(arrays, str(tmp / f"layer_{layer}.safetensors"))
         (tmp / CONFIG_YAML).write_text(yaml.safe_dump(config, sort_keys=False))
-        _fsync_dir(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _graphs import assert_exact, random_transcoders
 from _models import (
     c2s_410m_shrunk,
     c2s_scale_gemma2_shrunk,
@@ -27,7 +28,6 @@ from sctranscoder.core.attribution import Attributor, Target, build_graph
 from sctranscoder.core.connections import edge_split
 from sctranscoder.core.replacement import ReplacementModel
 from sctranscoder.core.sentences import rank_genes
-from sctranscoder.core.transcoder import Transcoder, TranscoderConfig
 
 FAMILIES = {
     "gpt_neox_parallel": lambda: tiny_neox(n_layers=3),
@@ -42,34 +42,12 @@ FAMILIES = {
 }
 
 
-def random_transcoders(model, *, expansion=2, k=8, seed=0):
-    """Untrained transcoders with non-zero biases: exactness must hold whatever they are."""
-    d = model.config.hidden_size
-    gen = torch.Generator().manual_seed(seed)
-    cfg = TranscoderConfig(d_in=d, d_out=d, n_features=expansion * d, k=k)
-    out = {}
-    for i in range(model.config.num_hidden_layers):
-        tc = Transcoder(cfg, generator=gen)
-        with torch.no_grad():
-            tc.b_enc.normal_(0, 0.1, generator=gen)
-            tc.b_dec.normal_(0, 0.1, generator=gen)
-        out[i] = tc.eval().requires_grad_(False)
-    return out
-
-
-def assert_exact(graph, tol=1e-4):
-    """Every explored node: incoming edges (all sources) + bias == its value."""
-    assert len(graph.rows) > 1
-    for n, row in graph.rows.items():
-        total = float(row.astype(np.float64).sum()) + graph.bias[n]
-        assert total == pytest.approx(graph.value[n], rel=tol, abs=tol), n
-
-
 def assert_heads_sum_to_the_edges(at, node, tol):
     """The direct part plus every head's part equals each incoming edge of ``node``."""
     heads, parts = at.head_rows(node)
     full, _, _ = at.rows([node])
-    assert parts.shape == (1 + len(heads), full.shape[1])
+    assert parts.shape == (len(heads), full.shape[1])
+    assert heads[0].tolist() == [-1, -1]  # the direct part first
     scale = max(float(np.abs(full).max()), 1e-6)
     assert np.abs(parts.astype(np.float64).sum(0) - full[0]).max() <= tol * scale
     return heads, parts
@@ -90,7 +68,7 @@ def test_replacement_is_exact_on_every_family(name):
     at = Attributor(rm, target, batch_size=16)
     heads, _ = assert_heads_sum_to_the_edges(at, at.target_node, tol=1e-5)
     n_heads = sum(blk.attention.n_heads for blk in rm.layers)
-    assert len(heads) == n_heads  # a logit target reads every layer's heads
+    assert len(heads) == 1 + n_heads  # a logit target reads every layer's heads
     feature = next(n for n in graph.rows if graph.node_type[n] == NodeType.FEATURE)
     assert_heads_sum_to_the_edges(at, feature, tol=1e-5)
 
@@ -162,7 +140,7 @@ def test_exact_at_the_real_c2s_pythia_410m_widths(tmp_path, pbmc):
     target = Target(kind="logit", token=m.tokenizer(" T", add_special_tokens=False)["input_ids"][0])
     at = Attributor(rm, target, batch_size=16)
     heads, _ = assert_heads_sum_to_the_edges(at, at.target_node, tol=1e-4)
-    assert len(heads) == 2 * 16
+    assert len(heads) == 1 + 2 * 16
 
 
 def test_exact_at_the_real_c2s_scale_gemma2_2b_widths(tmp_path, pbmc):
@@ -178,10 +156,10 @@ def test_exact_at_the_real_c2s_scale_gemma2_2b_widths(tmp_path, pbmc):
     assert rm.check(atol=1e-3) < 1e-3
     target = Target(kind="logit", token=5)
     graph = build_graph(rm, target, max_feature_nodes=8, batch_size=8)
-    assert_exact(graph, tol=1e-3)
+    assert_exact(graph, rtol=1e-3, atol=1e-3)
     at = Attributor(rm, target, batch_size=16)
     heads, _ = assert_heads_sum_to_the_edges(at, at.target_node, tol=1e-4)
-    assert len(heads) == 2 * 8
+    assert len(heads) == 1 + 2 * 8
 
 
 def test_unsupported_architecture_is_refused_with_the_families():

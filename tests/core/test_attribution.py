@@ -4,9 +4,9 @@ GPT-NeoX layouts (parallel and sequential residual, and the real C2S-Pythia-410m
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from _graphs import assert_exact, random_transcoders
 from _models import c2s_410m_shrunk, tiny_neox, tiny_tokenizer
 from conftest import PYTHIA_TOKENIZER
 
@@ -16,33 +16,6 @@ from sctranscoder.core.attribution import Target, build_graph, prune
 from sctranscoder.core.hooks import capture_mlp_io, run_to_layers
 from sctranscoder.core.replacement import ReplacementModel
 from sctranscoder.core.sentences import rank_genes
-from sctranscoder.core.transcoder import Transcoder, TranscoderConfig
-
-
-def _random_transcoders(model, *, expansion=2, k=8, seed=0):
-    """Untrained transcoders: exactness must hold whatever the transcoders are."""
-    d = model.config.hidden_size
-    gen = torch.Generator().manual_seed(seed)
-    cfg = TranscoderConfig(d_in=d, d_out=d, n_features=expansion * d, k=k)
-    out = {}
-    for i in range(model.config.num_hidden_layers):
-        tc = Transcoder(cfg, generator=gen)
-        with torch.no_grad():
-            tc.b_enc.normal_(0, 0.1, generator=gen)
-            tc.b_dec.normal_(0, 0.1, generator=gen)
-        out[i] = tc.eval().requires_grad_(False)
-    return out
-
-
-def _assert_exact(graph, rtol=1e-4, atol=1e-4):
-    """Every explored node: incoming edges (all sources) + bias == its value."""
-    assert len(graph.rows) > 1
-    for n, row in graph.rows.items():
-        total = float(row.astype(np.float64).sum()) + graph.bias[n]
-        assert total == pytest.approx(graph.value[n], rel=rtol, abs=atol), n
-        if graph.node_type[n] == NodeType.FEATURE:
-            # an active feature's pre-activation is its activation
-            assert graph.value[n] == pytest.approx(float(graph.activation[n]), rel=1e-4, abs=1e-5)
 
 
 def _pbmc_genes(pbmc, n_genes):
@@ -57,10 +30,10 @@ def test_exact_on_both_residual_layouts(parallel):
     ids = torch.as_tensor(
         tok(" CD74 HLA-DRA LYZ S100A8 FTL", add_special_tokens=False)["input_ids"]
     )
-    rm = ReplacementModel(model, _random_transcoders(model), ids)
+    rm = ReplacementModel(model, random_transcoders(model), ids)
     assert rm.check() < 1e-4  # our forward reproduces the Hugging Face forward
     graph = build_graph(rm, Target(kind="logit", token=5), max_feature_nodes=40, batch_size=16)
-    _assert_exact(graph)
+    assert_exact(graph)
     pre = sum(1 for n in graph.rows if graph.node_type[n] == NodeType.FEATURE)
     assert pre == 40
 
@@ -74,16 +47,16 @@ def test_exact_on_the_real_c2s_architecture(tmp_path, pbmc):
     assert m.model.config.use_parallel_residual
     batch = m.tokenize([_pbmc_genes(pbmc, 12)])
     ids = batch.input_ids[0, : int(batch.lengths[0])]
-    rm = ReplacementModel(m.model, _random_transcoders(m.model, expansion=1, k=8), ids)
+    rm = ReplacementModel(m.model, random_transcoders(m.model, expansion=1, k=8), ids)
     assert rm.check(atol=1e-3) < 1e-3
     token = m.tokenizer(" T", add_special_tokens=False)["input_ids"][0]
     graph = build_graph(rm, Target(kind="logit", token=token), max_feature_nodes=16, batch_size=8)
-    _assert_exact(graph, rtol=1e-3, atol=1e-3)
+    assert_exact(graph, rtol=1e-3, atol=1e-3)
 
 
 def test_feature_target_is_its_pre_activation():
     model = tiny_neox(n_layers=3, d=64)
-    tcs = _random_transcoders(model)
+    tcs = random_transcoders(model)
     ids = torch.as_tensor(
         tiny_tokenizer()(" GNLY NKG7 CCL5 GZMB", add_special_tokens=False)["input_ids"]
     )
@@ -95,7 +68,7 @@ def test_feature_target_is_its_pre_activation():
     graph = build_graph(rm, Target(kind="feature", layer=2, feature=7), max_feature_nodes=30)
     assert graph.value[graph.target_node] == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert graph.node_type[graph.target_node] == NodeType.TARGET
-    _assert_exact(graph)
+    assert_exact(graph)
     # only features below the target's layer are explored
     assert all(graph.layer[n] < 2 for n in graph.rows if graph.node_type[n] == NodeType.FEATURE)
 
@@ -106,7 +79,7 @@ def test_pruning_keeps_a_connected_subgraph():
         tiny_tokenizer()(" CD3D CD3E IL7R", add_special_tokens=False)["input_ids"]
     )
     graph = build_graph(
-        ReplacementModel(model, _random_transcoders(model), ids),
+        ReplacementModel(model, random_transcoders(model), ids),
         Target(kind="logit", token=3),
         max_feature_nodes=48,
     )

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from .._constants import NodeType
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from .replacement import Contributions, LinearOutputs, ReplacementModel
 
 logger = logging.getLogger(__name__)
@@ -257,16 +259,23 @@ class Attributor:
 
         Returns
         -------
-        ``heads`` ``(n, 3)`` int array of (row, layer, head) and ``rows`` ``(n + 1, n_nodes)``:
-        the direct part first, then one row per head.
+        ``heads`` ``(n + 1, 2)`` int array of (layer, head), ``(-1, -1)`` first for the direct
+        part, and ``rows`` ``(n + 1, n_nodes)``, one row per part.
+        """
+        heads, rows = zip(*self.iter_head_rows(node), strict=True)
+        return np.concatenate(heads), np.concatenate(rows)
+
+    def iter_head_rows(self, node: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`head_rows` in chunks of ``batch_size`` heads (the direct part first), so that a
+        caller can summarise each chunk instead of holding every row.
         """
         depth = self._depth(node)
         layers = list(range(min(depth + 1, self.n_layers)))
         seeds = self._seeds([node])
         direct = self.rm.contributions(**seeds, attention=False, attention_grads=layers)
         readouts = {i: self.rm.head_readout(i, direct.attention_grads[i][0]) for i in layers}
+        yield np.array([[-1, -1]]), self._rows_from(direct).cpu().numpy()
         heads = [(i, h) for i in layers for h in range(self.rm.layers[i].attention.n_heads)]
-        parts = [self._rows_from(direct).cpu().numpy()]
         for start in range(0, len(heads), self.batch_size):
             chunk = heads[start : start + self.batch_size]
             B = len(chunk)
@@ -275,9 +284,8 @@ class Attributor:
                 if i not in readout:
                     readout[i] = torch.zeros(B, *readouts[i].shape, device=readouts[i].device)
                 readout[i][b, :, h] = readouts[i][:, h]
-            parts.append(self._rows_from(self.rm.contributions(head_readout=readout)).cpu().numpy())
-        table = np.array([(j, i, h) for j, (i, h) in enumerate(heads, start=1)], dtype=np.int64)
-        return table.reshape(-1, 3), np.concatenate(parts)
+            rows = self._rows_from(self.rm.contributions(head_readout=readout))
+            yield np.array(chunk, dtype=np.int64), rows.cpu().numpy()
 
 
 def influence(graph: Graph) -> np.ndarray:

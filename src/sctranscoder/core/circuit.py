@@ -14,7 +14,7 @@ import pandas as pd
 from .._constants import NodeType, feature_name
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from .attribution import Graph, Pruned
 
@@ -120,35 +120,41 @@ def gene_table(
 
 def head_table(
     node: str,
-    heads: np.ndarray,
-    rows: np.ndarray,
+    parts: Iterable[tuple[np.ndarray, np.ndarray]],
     names: np.ndarray,
     source_genes: np.ndarray,
 ) -> pd.DataFrame:
     """Per attention head, how much of ``node``'s incoming edges flows through it.
 
-    ``heads``: ``(n, 3)`` (row, layer, head) and ``rows``: the direct part first, then one row
-    per head, as returned by :meth:`~sctranscoder.core.attribution.Attributor.head_rows`.
-    ``names`` and ``source_genes``: per graph node, its id and its gene (``""`` for none).
-    The direct part (paths without attention) is the row with ``layer == head == -1``.
+    ``parts``: chunks of ``(heads, rows)``, ``heads`` ``(n, 2)`` (layer, head) and ``rows``
+    ``(n, n_nodes)``, the direct part (``(-1, -1)``: paths without attention) first, as yielded
+    by :meth:`~sctranscoder.core.attribution.Attributor.iter_head_rows`. ``names`` and
+    ``source_genes``: per graph node, its id and its gene (``""`` for none).
     """
-    rows = rows.astype(np.float64)
-    absolute = np.abs(rows)
-    total_abs = absolute.sum()
-    top = absolute.argmax(1)
-    has = absolute.max(1) > 0
-    layer = np.concatenate([[-1], heads[:, 1]])
-    head = np.concatenate([[-1], heads[:, 2]])
+    columns: dict[str, list] = {k: [] for k in ("layer", "head", "sum", "abs", "top", "top_w")}
+    for heads, rows in parts:
+        rows = rows.astype(np.float64)
+        absolute = np.abs(rows)
+        top = absolute.argmax(1)
+        columns["layer"].append(heads[:, 0])
+        columns["head"].append(heads[:, 1])
+        columns["sum"].append(rows.sum(1))
+        columns["abs"].append(absolute.sum(1))
+        columns["top"].append(np.where(absolute.max(1) > 0, top, -1))
+        columns["top_w"].append(rows[np.arange(len(rows)), top])
+    c = {k: np.concatenate(v) for k, v in columns.items()}
+    total_abs = c["abs"].sum()
+    has = c["top"] >= 0
     return pd.DataFrame(
         {
-            "node": np.full(len(rows), node, dtype=object),
-            "layer": layer.astype(np.int64),
-            "head": head.astype(np.int64),
-            "attribution": rows.sum(1),
-            "abs_attribution": absolute.sum(1),
-            "fraction": absolute.sum(1) / total_abs if total_abs > 0 else np.zeros(len(rows)),
-            "top_source": np.where(has, names[top].astype(str), ""),
-            "top_source_gene": np.where(has, source_genes[top].astype(str), ""),
-            "top_source_attribution": rows[np.arange(len(rows)), top],
+            "node": np.full(c["sum"].size, node, dtype=object),
+            "layer": c["layer"].astype(np.int64),
+            "head": c["head"].astype(np.int64),
+            "attribution": c["sum"],
+            "abs_attribution": c["abs"],
+            "fraction": c["abs"] / total_abs if total_abs > 0 else np.zeros(c["sum"].size),
+            "top_source": np.where(has, names[c["top"]].astype(str), ""),
+            "top_source_gene": np.where(has, source_genes[c["top"]].astype(str), ""),
+            "top_source_attribution": c["top_w"],
         }
     )

@@ -183,10 +183,7 @@ class TranscoderSet(Mapping[int, Transcoder]):
                 f"{path} exists and is not a transcoder directory (config.json of sctranscoder "
                 "and layer files only): overwrite=True replaces only those. Choose a new directory."
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_directory(path) as tmp:
             for layer, tc in self.transcoders.items():
                 tensors = {
                     k: t.detach().to("cpu", torch.float32).contiguous()
@@ -202,11 +199,6 @@ class TranscoderSet(Mapping[int, Transcoder]):
                 "files": {n: _file_entry(tmp / n) for n in names},
             }
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            _fsync_dir(tmp)
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     def _config_doc(self) -> dict:
@@ -441,6 +433,23 @@ def _sha256(file: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write a directory into; on success it replaces
+    ``path`` (synced first), on any error it is removed and ``path`` is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -209,7 +209,7 @@ def trace_circuit(
         graph.position
     ]
     heads = pd.concat(
-        [head_table(n, *at.head_rows(where[n]), names, source_genes) for n in head_nodes],
+        [head_table(n, at.iter_head_rows(where[n]), names, source_genes) for n in head_nodes],
         ignore_index=True,
     )
     scores = dict(pruned.scores)
