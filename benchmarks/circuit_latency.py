@@ -122,11 +122,17 @@ def _case(kind: str, n_genes: int, max_feature_nodes: int, threads: int, queue) 
     t2 = time.perf_counter()
     pruned = prune(graph)
     t3 = time.perf_counter()
+    peak_tracing = _rss_mib()
+    # the target's head split as trace_circuit makes it: chunk by chunk, summed as it comes
     at = Attributor(rm, Target(kind="logit", token=token), batch_size=32)
-    heads, parts = at.head_rows(at.target_node)
+    parts_sum, n_heads = np.zeros(graph.n_nodes), -1
+    for heads, rows in at.iter_head_rows(at.target_node):
+        parts_sum += rows.sum(0, dtype=np.float64)
+        n_heads += len(heads)
     t4 = time.perf_counter()
+    peak_heads = _rss_mib()
     target_row = graph.rows[graph.target_node].astype(np.float64)
-    head_error = float(np.abs(parts.astype(np.float64).sum(0) - target_row).max())
+    head_error = float(np.abs(parts_sum - target_row).max())
     logit_error = rm.check(atol=float("inf"))
     queue.put(
         {
@@ -147,13 +153,14 @@ def _case(kind: str, n_genes: int, max_feature_nodes: int, threads: int, queue) 
             "seconds_prune": t3 - t2,
             "seconds_total": t3 - t0,
             "seconds_head_split_of_target": t4 - t3,
-            "n_heads": len(heads) - 1,  # the first row is the direct part
+            "n_heads": n_heads,
             "max_head_split_error": head_error,
             "max_abs_target_edge": float(np.abs(target_row).max()),
             "max_logit_error_vs_hf": logit_error,
-            "peak_rss_mib": _rss_mib(),
+            "peak_rss_mib": peak_tracing,
             "rss_loaded_mib": loaded,
-            "peak_over_loaded_mib": _rss_mib() - loaded,
+            "peak_over_loaded_mib": peak_tracing - loaded,
+            "peak_rss_with_head_split_mib": peak_heads,
             "max_feature_nodes": max_feature_nodes,
             "rows_mib": len(graph.rows) * graph.n_nodes * 4 / 2**20,
             "n_nodes": int(graph.n_nodes),

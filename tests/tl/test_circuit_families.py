@@ -161,3 +161,12 @@ def test_feature_connections_match_the_weights(trained_base, model):
         sct.tl.feature_connections(adata, ["3"])
     with pytest.raises(ValueError, match=r"features 0\.\."):
         sct.tl.feature_connections(adata, ["L1F999999"])
+
+
+def test_no_head_nodes_gives_an_empty_table(trained_base):
+    adata = trained_base[:4].copy()
+    cell = adata.obs_names[1]
+    sct.tl.trace_circuit(adata, cell=cell, max_feature_nodes=8, head_nodes=(), progress=False)
+    heads = adata.uns[f"circuit_{cell}"]["heads"]
+    assert heads.empty
+    assert "attribution" in heads.columns

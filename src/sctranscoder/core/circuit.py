@@ -142,7 +142,7 @@ def head_table(
         columns["abs"].append(absolute.sum(1))
         columns["top"].append(np.where(absolute.max(1) > 0, top, -1))
         columns["top_w"].append(rows[np.arange(len(rows)), top])
-    c = {k: np.concatenate(v) for k, v in columns.items()}
+    c = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in columns.items()}
     total_abs = c["abs"].sum()
     has = c["top"] >= 0
     return pd.DataFrame(
