@@ -211,7 +211,9 @@ def trace_circuit(
         graph.position
     ]
     tables = [head_table(n, at.iter_head_rows(where[n]), names, source_genes) for n in head_nodes]
-    heads = pd.concat(tables, ignore_index=True) if tables else head_table("", [], names, source_genes)
+    heads = (
+        pd.concat(tables, ignore_index=True) if tables else head_table("", [], names, source_genes)
+    )
     scores = dict(pruned.scores)
     scores["target_value"] = float(graph.value[graph.target_node])
     scores["seconds"] = float(time.perf_counter() - t0)
