@@ -25,15 +25,11 @@ import _common
 
 
 def _models(genes):
+    from _graphs import FAMILIES
     from _models import (
         c2s_410m_shrunk,
         c2s_scale_gemma2_shrunk,
         gene_sentencepiece_tokenizer,
-        tiny_gemma2,
-        tiny_gpt2,
-        tiny_llama,
-        tiny_llama_family,
-        tiny_neox,
         tiny_tokenizer,
     )
 
@@ -41,18 +37,7 @@ def _models(genes):
     from sctranscoder.core.sentences import PromptSettings
 
     settings = PromptSettings(n_genes=20)
-    tiny = {
-        "gpt_neox_parallel": lambda: tiny_neox(n_layers=3),
-        "gpt_neox_sequential": lambda: tiny_neox(n_layers=3, parallel_residual=False),
-        "llama": lambda: tiny_llama(n_layers=3),
-        "mistral_sliding_window_4": lambda: tiny_llama_family(
-            kind="mistral", n_layers=3, sliding_window=4
-        ),
-        "qwen2_qkv_bias": lambda: tiny_llama_family(kind="qwen2", n_layers=3),
-        "gemma2": lambda: tiny_gemma2(n_layers=3),
-        "gpt2": lambda: tiny_gpt2(n_layers=3),
-    }
-    for name, build in tiny.items():
+    for name, build in FAMILIES.items():
         yield name, sct.load_model(build(), tokenizer=tiny_tokenizer(), settings=settings), 2
     if _common.TOKENIZER.exists():
         path = c2s_410m_shrunk(Path(tempfile.mkdtemp()) / "c2s", _common.TOKENIZER, n_layers=2)

@@ -8,15 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _graphs import assert_exact, random_transcoders
+from _graphs import FAMILIES, assert_exact, random_transcoders
 from _models import (
     c2s_410m_shrunk,
     c2s_scale_gemma2_shrunk,
     gene_sentencepiece_tokenizer,
     tiny_gemma2,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_llama_family,
     tiny_neox,
 )
 from conftest import PYTHIA_TOKENIZER
@@ -28,18 +25,6 @@ from sctranscoder.core.attribution import Attributor, Target, build_graph
 from sctranscoder.core.connections import edge_split
 from sctranscoder.core.replacement import ReplacementModel
 from sctranscoder.core.sentences import rank_genes
-
-FAMILIES = {
-    "gpt_neox_parallel": lambda: tiny_neox(n_layers=3),
-    "gpt_neox_sequential": lambda: tiny_neox(n_layers=3, parallel_residual=False),
-    "llama": lambda: tiny_llama(n_layers=3),
-    "mistral_sliding_window": lambda: tiny_llama_family(
-        kind="mistral", n_layers=3, sliding_window=4
-    ),
-    "qwen2_qkv_bias": lambda: tiny_llama_family(kind="qwen2", n_layers=3),
-    "gemma2": lambda: tiny_gemma2(n_layers=3),
-    "gpt2": lambda: tiny_gpt2(n_layers=3),
-}
 
 
 def assert_heads_sum_to_the_edges(at, node, tol):
