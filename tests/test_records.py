@@ -366,3 +366,25 @@ def test_legacy_circuit_enrichment_moves_beside_it_and_taken_names_stay(legacy):
     assert "enrichment" not in legacy.uns[name]
     assert "cell_scores" in legacy.uns[name]  # its destination was taken: kept where it was
     assert set(legacy.uns[f"{name}_score"]) == {"taken"}
+
+
+def test_cells_without_sentences_are_refused_not_read_as_nan(trained_base, model):
+    """After concatenating an AnnData without sentences, the new cells' NaN must not become a
+    gene called "nan" (issue 12, item 1): every tool that reads sentences refuses, and writes
+    nothing.
+    """
+    extra = sc.datasets.pbmc68k_reduced()[150:153].copy()
+    mixed = ad.concat([trained_base[:5], extra], join="outer", merge="first", uns_merge="first")
+    assert mixed.obs["cell_sentence"].isna().sum() == 3
+    before = (set(mixed.uns), set(mixed.obsm), set(mixed.varm), set(mixed.obs))
+    with pytest.raises(ValueError, match=r"3 of 8 cells have no sentence.*notna\(\)"):
+        sct.tl.feature_activations(mixed, progress=False)
+    with pytest.raises(ValueError, match="no sentence"):
+        sct.tl.train_transcoders(mixed, model, n_tokens=256, batch_size=256, progress=False)
+    with pytest.raises(ValueError, match="no sentence"):
+        sct.tl.trace_circuit(mixed, cell=mixed.obs_names[-1], progress=False)
+    assert (set(mixed.uns), set(mixed.obsm), set(mixed.varm), set(mixed.obs)) == before
+    # the cells that have one still work
+    sct.tl.feature_activations(
+        mixed[mixed.obs["cell_sentence"].notna()].copy(), layers=[1], genes=False, progress=False
+    )

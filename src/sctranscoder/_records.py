@@ -455,7 +455,17 @@ def sentences(
             f"adata.obs[{sentence_key!r}] not found: run `sct.pp.cell_sentences(adata, "
             "model=model)` first, or pass `sentence_key=` naming the column with the sentences."
         )
-    col = adata.obs[sentence_key].astype(str).to_numpy()
+    column = adata.obs[sentence_key]
+    missing = column.isna().to_numpy()
+    if missing.any():  # str(NaN) would be read as a gene called "nan"
+        names = list(adata.obs_names[missing][:3])
+        raise ValueError(
+            f"{int(missing.sum())} of {adata.n_obs} cells have no sentence in "
+            f"adata.obs[{sentence_key!r}] (e.g. {names}), as after concatenating an AnnData "
+            "without sentences: run `sct.pp.cell_sentences` on the combined data, or keep the "
+            f"cells that have one: `adata[adata.obs[{sentence_key!r}].notna()]`."
+        )
+    col = column.astype(str).to_numpy()
     out = [s.split()[:n_genes] for s in col]
     empty = [adata.obs_names[i] for i, g in enumerate(out) if not g]
     if empty:
