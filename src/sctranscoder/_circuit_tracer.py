@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,8 +34,10 @@ import numpy as np
 from scanpy import logging as logg
 
 from ._constants import Key, NodeType, feature_name
+from .core.files import atomic_directory, write_text_atomic
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Mapping, Sequence
 
     import pandas as pd
@@ -508,8 +508,10 @@ def export_circuit_tracer_graph(
     text = json.dumps(doc, indent=2, allow_nan=False, ensure_ascii=False)
     index["graphs"] = [g for g in index["graphs"] if g.get("slug") != slug] + [doc["metadata"]]
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(graph_file, text + "\n")  # the graph first: the index never lists a missing one
-    _write_atomic(out_dir / GRAPH_INDEX, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(
+        graph_file, text + "\n"
+    )  # the graph first: the index never lists a missing one
+    write_text_atomic(out_dir / GRAPH_INDEX, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     logg.info(
         f"wrote circuit {name!r} as circuit-tracer graph {graph_file}",
         deep=f"{len(doc['nodes'])} nodes, {len(doc['links'])} links; listed in "
@@ -545,19 +547,6 @@ def _read_graph_index(file: Path) -> dict:
     if not isinstance(index, dict) or not isinstance(index.get("graphs"), list):
         raise ValueError(f"{file} is not a circuit-tracer graph index ({{'graphs': [...]}}).")
     return index
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    tmp = file.parent / f".{file.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _feature_labels(ann: dict, nodes: pd.DataFrame) -> dict[str, str]:
@@ -841,8 +830,6 @@ def _write_transcoder_dir(
 ) -> Path:
     import yaml
     from safetensors.numpy import save_file
-
-    from .core.transcoder_set import atomic_directory
 
     if path.exists() and not overwrite:
         raise FileExistsError(

@@ -21,7 +21,6 @@ import gzip
 import importlib.util
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ._logging import quiet_scanpy
+from .core.files import write_text_atomic
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -269,17 +269,8 @@ def write_gmt(
     sets: Mapping[str, Iterable[str]], path: str | os.PathLike, description: str = ""
 ) -> None:
     """Write ``sets`` as a GMT file, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for name, genes in sets.items():
-                fh.write("\t".join([name, description, *genes]) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = "".join("\t".join([name, description, *genes]) + "\n" for name, genes in sets.items())
+    write_text_atomic(Path(path), text)
 
 
 def _markers(adata: AnnData | None, column: str, *, n_markers: int) -> dict[str, list[str]]:

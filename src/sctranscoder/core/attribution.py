@@ -217,9 +217,9 @@ class Attributor:
             if n == self.target_node and self.target.kind == "logit":
                 if final is None:
                     final = torch.zeros(B, T, d, device=device)
-                W_U = self.rm.arch.W_U
-                u = W_U[self.target.token]
-                final[b, T - 1] = u - W_U.mean(0) if self.target.subtract_mean else u
+                final[b, T - 1] = self.rm.logit_direction(
+                    self.target.token, subtract_mean=self.target.subtract_mean
+                )
             else:
                 layer = int(self.layer[n])
                 if layer not in mlp_inputs:

@@ -45,13 +45,15 @@ def circuit_tables(
     tokens: Sequence[str],
     genes: Sequence[str],
     gene_index: np.ndarray,
+    names: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``(nodes, edges, genes)`` tables of a pruned graph.
 
     ``tokens``: the decoded token at each position; ``genes``: the prompt's gene list;
     ``gene_index``: per position, the gene's index in ``genes`` (-1 for prompt text).
+    ``names``: the node ids, when already made (:func:`node_names`).
     """
-    names = node_names(graph)
+    names = node_names(graph) if names is None else names
     kept = pruned.nodes
     gene_of = np.array([genes[g] if g >= 0 else "" for g in gene_index], dtype=object)
     pos = graph.position[kept]

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .._constants import NodeType
+
 if TYPE_CHECKING:
     from .architectures import Norm
     from .transcoder import Transcoder
@@ -135,16 +137,12 @@ def edge_split(rm, graph, edges: np.ndarray, target) -> dict[str, np.ndarray]:
     connection reads through the final norm into the unembedding row of the token, minus the mean
     row when the target subtracts the mean logit); NaN for other edges.
     """
-    from .._constants import NodeType
-
     n = edges.shape[0]
     out = {k: np.full(n, np.nan) for k in ("connection", "norm_scale", "residual_part")}
     out["source_activation"] = np.full(n, np.nan)
     f = rm.frozen
     if target.kind == "logit":
-        u = rm.arch.W_U[target.token]
-        if target.subtract_mean:
-            u = u - rm.arch.W_U.mean(0)
+        u = rm.logit_direction(target.token, subtract_mean=target.subtract_mean)
     for e, (s, t) in enumerate(edges.tolist()):
         if graph.node_type[s] != NodeType.FEATURE:
             continue

@@ -96,7 +96,19 @@ class ReplacementModel:
         self.transcoders = transcoders
         self.input_ids = input_ids.reshape(-1)
         self.device = next(model.parameters()).device
+        self._mean_unembedding: torch.Tensor | None = None
         self.frozen = self._record()
+
+    def logit_direction(self, token: int, *, subtract_mean: bool) -> torch.Tensor:
+        """What a logit target reads from the final norm's output: the token's unembedding row,
+        minus the mean row when the target is the logit minus the mean logit.
+        """
+        u = self.arch.W_U[token]
+        if not subtract_mean:
+            return u
+        if self._mean_unembedding is None:  # one pass over the vocabulary, once
+            self._mean_unembedding = self.arch.W_U.mean(0)
+        return u - self._mean_unembedding
 
     @property
     def n_heads(self) -> list[int]:

@@ -537,12 +537,11 @@ def circuit_heads(
     if ax is None:
         _, ax = plt.subplots(figsize=(1.2 + 0.55 * grid.shape[1], 1.0 + 0.32 * grid.shape[0]))
     data = grid.to_numpy(dtype=float)
+    vmax = float(np.nanmax(np.abs(data))) or 1.0
     if value == "attribution":
-        lim = float(np.nanmax(np.abs(data))) or 1.0
-        im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        im = ax.imshow(data, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
     else:
         im = ax.imshow(data, cmap="Reds", vmin=0, aspect="auto")
-    vmax = float(np.nanmax(np.abs(data))) or 1.0
     for (i, j), frac in np.ndenumerate(share.to_numpy(dtype=float)):
         gene = genes.iat[i, j]
         if frac >= 0.05 and gene:

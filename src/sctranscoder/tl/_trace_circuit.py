@@ -203,7 +203,7 @@ def trace_circuit(
         )
     pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
     tokens = [model.tokenizer.decode([t]) for t in ids.tolist()]
-    nodes, edges, gene_table = circuit_tables(graph, pruned, tokens, genes, gene_index)
+    nodes, edges, gene_table = circuit_tables(graph, pruned, tokens, genes, gene_index, names=names)
     for column, values in edge_split(rm, graph, pruned.edges, tgt).items():
         edges[column] = values
     at = Attributor(rm, tgt, batch_size=batch_size)
