@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import scanpy as sc
 
@@ -95,3 +96,31 @@ def sct_logs(caplog):
         scanpy_root.removeHandler(caplog.handler)
         logger.propagate = False
         sc.settings.verbosity = verbosity
+
+
+#: The layer of the feature ranking and gene attribution in :func:`everything`.
+EVERYTHING_LAYER = 2
+
+
+@pytest.fixture(scope="session")
+def everything(annotated_base, model):
+    """Every tool's record on one AnnData: transcoders, activations, annotation, a circuit with
+    its enrichment and score, a feature ranking and a gene attribution.
+    """
+    adata = annotated_base.copy()
+    cell = str(adata.obs_names[0])
+    sct.tl.trace_circuit(adata, model, cell=cell, max_feature_nodes=32)
+    sct.tl.circuit_enrichment(adata, circuit=cell, gene_sets=MARKERS, min_size=1)
+    sct.tl.score_circuit(adata, circuit=cell)
+    sct.tl.rank_features_groups(adata, groupby="bulk_labels", layers=[EVERYTHING_LAYER])
+    X = adata.obsm[f"X_sct_L{EVERYTHING_LAYER}"]
+    feature = int(np.asarray(X[0].todense()).ravel().argmax())
+    sct.tl.gene_attribution(
+        adata,
+        model,
+        feature=f"L{EVERYTHING_LAYER}F{feature}",
+        cells=[cell],
+        key_added="ga",
+        progress=False,
+    )
+    return adata, cell

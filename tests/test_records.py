@@ -25,25 +25,6 @@ LAYER = 2
 # -- every record survives write_h5ad/read_h5ad and write_zarr/read_zarr ---------------------------
 
 
-@pytest.fixture(scope="module")
-def everything(annotated_base, model):
-    """Every tool's record on one AnnData: transcoders, activations, annotation, a circuit with
-    its enrichment and score, a feature ranking and a gene attribution.
-    """
-    adata = annotated_base.copy()
-    cell = str(adata.obs_names[0])
-    sct.tl.trace_circuit(adata, model, cell=cell, max_feature_nodes=32)
-    sct.tl.circuit_enrichment(adata, circuit=cell, gene_sets=MARKERS, min_size=1)
-    sct.tl.score_circuit(adata, circuit=cell)
-    sct.tl.rank_features_groups(adata, groupby="bulk_labels", layers=[LAYER])
-    X = adata.obsm[f"X_sct_L{LAYER}"]
-    feature = int(np.asarray(X[0].todense()).ravel().argmax())
-    sct.tl.gene_attribution(
-        adata, model, feature=f"L{LAYER}F{feature}", cells=[cell], key_added="ga", progress=False
-    )
-    return adata, cell
-
-
 def _assert_same(a, b, where: str = "uns") -> None:
     """Equal nested records, up to the types a file gives back (arrays for lists, ...)."""
     if isinstance(a, dict):
@@ -261,6 +242,20 @@ def test_save_and_load_transcoders(trained_base, model, tmp_path):
     )
 
 
+def test_load_transcoders_takes_the_model_as_a_directory(trained_base, tmp_path):
+    from _models import TINY_TOKENIZER_DIR, tiny_neox
+
+    path = sct.save_transcoders(trained_base, tmp_path / "tc")
+    fresh = trained_base[:5].copy()
+    del fresh.uns["sct"]
+    sct.load_transcoders(path, fresh, model=str(TINY_TOKENIZER_DIR))  # the tiny_c2s directory
+    assert "sct" in fresh.uns
+    tiny_neox(tmp_path / "other", n_layers=4)  # a model directory with other weights
+    with pytest.raises(ValueError, match="fingerprint"):
+        sct.load_transcoders(path, fresh, model=str(tmp_path / "other"), key_added="again")
+    assert "again" not in fresh.uns
+
+
 @pytest.fixture
 def linked(trained_base, tmp_path):
     """A small AnnData whose transcoders are linked in ``tmp_path / "w"``."""
@@ -388,3 +383,26 @@ def test_cells_without_sentences_are_refused_not_read_as_nan(trained_base, model
     sct.tl.feature_activations(
         mixed[mixed.obs["cell_sentence"].notna()].copy(), layers=[1], genes=False, progress=False
     )
+
+
+def test_results_of_transcoders_trained_again_under_the_same_key_are_refused(trained, tmp_path):
+    adata = trained
+    sct.tl.annotate_features(adata, gene_sets=MARKERS, n_top=20, seed=0)
+    cell = str(adata.obs_names[0])
+    sct.tl.trace_circuit(adata, cell=cell, max_feature_nodes=8, progress=False)
+    # relinking the same weights keeps what was made with them
+    sct.save_transcoders(adata, tmp_path / "tc", link=True)
+    sct.get.feature_table(adata, LAYER, annotation_key="sct_annotation")
+    sct.tl.score_circuit(adata, circuit=cell, gene_score=False)
+
+    sct.tl.train_transcoders(adata, n_tokens=1024, batch_size=512, seed=5, progress=False)
+    for stale in (
+        lambda: sct.get.activations(adata, LAYER),
+        lambda: sct.get.feature_table(adata, LAYER, annotation_key="sct_annotation"),
+        lambda: sct.get.circuit(adata, cell),
+        lambda: sct.tl.score_circuit(adata, circuit=cell, key_added="again"),
+    ):
+        with pytest.raises(ValueError, match=r"made with other transcoders .* adata.uns\['sct'\]"):
+            stale()
+    sct.tl.feature_activations(adata, progress=False)  # computed again: current
+    assert sct.get.activations(adata, LAYER).n_vars > 0

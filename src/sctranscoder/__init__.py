@@ -8,7 +8,7 @@
 >>> sct.tl.feature_activations(adata)
 """
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from . import datasets, get, pl, pp, tl
 from ._circuit_tracer import export_circuit_tracer_graph, export_circuit_tracer_transcoders
@@ -19,8 +19,8 @@ from .core.training import TrainingConfig
 from .core.transcoder_set import TranscoderSet
 
 try:
-    __version__ = version("sctranscoder")
-except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = _metadata.version("sctranscoder")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 bridge_core_logs()

@@ -59,6 +59,8 @@ GRAPH_INDEX = "graph-metadata.json"
 CONFIG_YAML = "config.yaml"
 _LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
 _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Longest slug: ``.<slug>.json.tmp-<8 hex>`` (the temporary file) stays within 255 bytes.
+MAX_SLUG = 200
 #: Hook names of circuit-tracer (TransformerLens names; its nnsight backend maps them per
 #: architecture in ``circuit_tracer/utils/tl_nnsight_mapping.py``): our transcoders read what the
 #: MLP module reads and write what it adds to the residual stream.
@@ -445,8 +447,8 @@ def export_circuit_tracer_graph(
         ``adata.uns`` key of a feature annotation (:func:`sctranscoder.tl.annotate_features`)
         whose terms are added to the features' labels.
     slug
-        The graph's name in the frontend and file (letters, digits, ``.``, ``_``, ``-``; default:
-        the circuit's key with other characters replaced by ``_``).
+        The graph's name in the frontend and file (letters, digits, ``.``, ``_``, ``-``; at most
+        200 characters; default: the circuit's key with other characters replaced by ``_``).
     overwrite
         Replace an existing ``<slug>.json``.
 
@@ -526,6 +528,11 @@ def _check_slug(slug: object) -> str:
             f"slug must be letters, digits, '.', '_' or '-' (not starting with '.', '_' or '-'), "
             f"got {slug!r}."
         )
+    if len(slug) > MAX_SLUG:  # <slug>.json and its temporary name must fit a file name
+        raise ValueError(
+            f"slug is {len(slug)} characters long; file names allow at most {MAX_SLUG}: pass a "
+            "shorter slug= (the default is the circuit's key)."
+        )
     return slug
 
 
@@ -576,14 +583,14 @@ def _prompt(
     """
     import torch
 
-    from ._records import sentences
+    from ._records import cell_prompts
     from .core.targets import label_tokens, teacher_forced
 
     cell = str(params["cell"])
     if cell not in adata.obs_names:
         raise KeyError(f"The cell {cell!r} of adata.uns[{name!r}] is not in adata.obs_names.")
     sentence_key = str(params.get("sentence_key", Key.sentence))
-    genes = sentences(adata[[cell]], sentence_key, n_genes=model.settings.n_genes)[0]
+    (genes,), model = cell_prompts(adata[[cell]], sentence_key, model)
     n_tokens = int(params["n_tokens"])
     n_prompt = int(model.tokenize([genes]).lengths[0])
     target = dict(params["target"])

@@ -83,7 +83,15 @@ class Key:
 
     @staticmethod
     def circuit(cell: str) -> str:
-        """Default ``adata.uns`` record of the circuit of ``cell``."""
+        r"""Default ``adata.uns`` record of the circuit of ``cell``: ``"circuit_<cell>"``, with
+        ``%``, ``/`` and ``\\`` in the name written ``%25``, ``%2F`` and ``%5C`` (paths in .h5ad
+        and .zarr files), so that distinct cells always get distinct keys.
+        """
+        return f"circuit_{_escape(str(cell))}"
+
+    @staticmethod
+    def legacy_circuit(cell: str) -> str:
+        """The default circuit key of sctranscoder 0.1 and 0.2.dev (``/`` read as ``_``)."""
         return f"circuit_{cell}".replace("/", "_")
 
     @staticmethod
@@ -112,6 +120,11 @@ class Key:
         return f"{score_key}_genes"
 
 
+def _escape(name: str) -> str:
+    r"""``name`` with ``%``, ``/`` and ``\\`` percent-encoded (reversible: keys stay distinct)."""
+    return name.replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
+
+
 #: Name of feature ``j`` of layer ``i``: ``"L<i>F<j>"``.
 _FEATURE = re.compile(r"L(\d+)F(\d+)")
 
@@ -133,8 +146,26 @@ def parse_feature_name(name: str) -> tuple[int, int]:
     """
     match = _FEATURE.fullmatch(name) if isinstance(name, str) else None
     if match is None:
-        raise ValueError(f"{name!r} is not a feature name like 'L2F17' (layer 2, feature 17).")
+        loose = loose_feature_name(name)
+        hint = f" Write it exactly as {loose!r}." if loose else ""
+        raise ValueError(
+            f"{name!r} is not a feature name like 'L2F17' (layer 2, feature 17).{hint}"
+        )
     return int(match.group(1)), int(match.group(2))
+
+
+#: What a feature name written loosely looks like: ``"l2f17"``, ``"L2 F17"``, ``"L2_F17"``.
+_LOOSE_FEATURE = re.compile(r"\s*[lL]\s*[-_ ]?\s*(\d+)\s*[-_ ]?\s*[fF]\s*[-_ ]?\s*(\d+)\s*")
+
+
+def loose_feature_name(name: object) -> str | None:
+    """The exact name ``"L<i>F<j>"`` that ``name`` seems to mean when it is written loosely
+    (lower case, spaces, ``_`` or ``-``, leading zeros), else None.
+    """
+    if not isinstance(name, str) or is_feature_name(name):
+        return None
+    match = _LOOSE_FEATURE.fullmatch(name)
+    return None if match is None else feature_name(int(match.group(1)), int(match.group(2)))
 
 
 def is_feature_name(name: object) -> bool:

@@ -19,6 +19,7 @@ from ._records import (
     write_link,
     write_transcoders,
 )
+from ._validate import check_bool, check_path, model_or_default
 from .core.transcoder_set import TranscoderSet, read_info
 
 if TYPE_CHECKING:
@@ -64,14 +65,29 @@ def save_transcoders(
     -------
     The directory.
     """
+    from anndata import AnnData
+
+    if not isinstance(adata, AnnData):
+        raise TypeError(
+            "save_transcoders(adata, path): pass the AnnData with the transcoders first, then "
+            f"the directory to write (got {type(adata).__name__} and {type(path).__name__})."
+        )
+    path = check_path(path)
+    link, overwrite = check_bool(link, "link"), check_bool(overwrite, "overwrite")
     rec = transcoder_record(adata, key)
     tset = transcoder_set(adata, key)
-    path = Path(path)
     if "weights" in rec and Path(str(rec["weights"]["path"])).resolve() == path.resolve():
         raise ValueError(f"adata.uns[{key!r}] is already linked to {path}.")
     tset.save(path, overwrite=overwrite)
     if link:
-        write_transcoders(adata, key, tset, params=dict(rec["params"]), weights_dir=path)
+        write_transcoders(  # the same weights: results made with them stay valid
+            adata,
+            key,
+            tset,
+            params=dict(rec["params"]),
+            weights_dir=path,
+            weights_id=rec.get("weights_id"),
+        )
     logg.info(
         f"saved {len(tset)} transcoders to {path}",
         deep=f"adata.uns[{key!r}] now links to it" if link else None,
@@ -83,7 +99,7 @@ def load_transcoders(
     path: str | os.PathLike,
     adata: AnnData,
     *,
-    model: C2SModel | None = None,
+    model: C2SModel | str | None = None,
     link: bool | None = None,
     key_added: str = Key.transcoders,
 ) -> None:
@@ -99,7 +115,8 @@ def load_transcoders(
     adata
         Where to write the record.
     model
-        If given, its fingerprint must match the one recorded with the transcoders.
+        If given (a :class:`~sctranscoder.core.model.C2SModel`, a model directory or a hub id),
+        its fingerprint must match the one recorded with the transcoders.
     link
         ``True``: keep only a link (path and checksum) in ``adata.uns``; ``False``: copy the
         weights into ``adata.uns`` (one self-contained ``.h5ad``). Default: link when the
@@ -113,12 +130,21 @@ def load_transcoders(
     ``transcoders`` (the weights) or ``weights`` (the link): see
     :func:`sctranscoder.tl.train_transcoders`.
     """
+    from anndata import AnnData
+
+    if isinstance(path, AnnData) or not isinstance(adata, AnnData):
+        raise TypeError(
+            "load_transcoders(path, adata): pass the directory first, then the AnnData to "
+            f"attach the transcoders to (got {type(path).__name__} and {type(adata).__name__})."
+        )
+    path = check_path(path)
+    link = check_bool(link, "link", none=True)
     check_key(key_added, adata=adata, kind="transcoders")
     info = read_info(path, verify=not link)  # a link is checked when its weights are first read
     if "fingerprint" not in info.model:
         raise ValueError(f"{path} records no base model; it was not written by sctranscoder.")
     if model is not None:
-        check_fingerprint(info.model, model)
+        check_fingerprint(info.model, model_or_default(model))
     if link is None:
         link = info.n_bytes > EMBED_LIMIT_BYTES
     params = dict(info.run)

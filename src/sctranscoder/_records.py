@@ -24,12 +24,14 @@ from __future__ import annotations
 import uuid
 import weakref
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
+from scanpy import logging as logg
 
 from ._constants import Key
 from .core.model import C2SModel, load_model
@@ -45,6 +47,7 @@ from .core.transcoder_set import check_fingerprint as _check_fingerprint
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Sequence
 
     from anndata import AnnData
 
@@ -59,21 +62,52 @@ _cache: dict[int, OrderedDict[tuple, TranscoderSet]] = {}
 # -- keys -----------------------------------------------------------------------------------------
 
 
+#: Longest ``key_added`` in UTF-8 bytes: derived names (``X_<key>_L<i>``, ``<key>_n_genes``,
+#: ``<key>_enrichment``) must stay under the 255 bytes of a file name in .zarr stores.
+MAX_KEY_BYTES = 200
+
+
 def check_key(
-    name: object, what: str = "key_added", *, adata: AnnData | None = None, kind: str = ""
+    name: object,
+    what: str = "key_added",
+    *,
+    adata: AnnData | None = None,
+    kind: str = "",
+    obs_columns: Sequence[str] = (),
 ) -> str:
-    """A key that every storage backend accepts: a non-empty string without ``/``.
+    r"""A key that every storage backend accepts: a non-empty string without ``/`` or ``\\``,
+    not starting with ``.``, without control characters, not ``"_index"``, at most
+    :data:`MAX_KEY_BYTES` bytes.
 
     With ``adata`` and ``kind``, also one that does not name an entry of ``adata.uns`` of
     another kind (a tool replaces its own kind of record, never, say, transcoders with
-    activations, or scanpy's ``"neighbors"``).
+    activations, or scanpy's ``"neighbors"``), and whose ``obs_columns`` (the columns the tool
+    will write) are new or were written with the record of that name (never a user's column).
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{what} must be a non-empty string, got {name!r}.")
-    if "/" in name:
+    for bad in ("/", "\\"):
+        if bad in name:
+            raise ValueError(
+                f"{what}={name!r} contains {bad!r}, which .h5ad or .zarr files read as a path: "
+                "choose a name without it."
+            )
+    problem = (
+        "starts with '.' (.zarr keeps its own metadata in such names)"
+        if name.startswith(".")
+        else "holds a control character"
+        if any(ord(c) < 32 or ord(c) == 127 for c in name)
+        else "is a name anndata uses itself"
+        if name == "_index"
+        else f"is {len(name.encode())} bytes long (at most {MAX_KEY_BYTES}: the names derived "
+        "from it must stay file names in .zarr)"
+        if len(name.encode()) > MAX_KEY_BYTES
+        else None
+    )
+    if problem is not None:
         raise ValueError(
-            f"{what}={name!r} contains '/', which .h5ad and .zarr files read as a path: "
-            "choose a name without it."
+            f"{what}={name!r} cannot be stored in .h5ad and .zarr files: it {problem}. Choose "
+            "a plain name such as 'sct_run2'."
         )
     if adata is not None and name in adata.uns:
         existing = record_kind(adata.uns[name])
@@ -82,6 +116,14 @@ def check_key(
                 f"{what}={name!r} would replace adata.uns[{name!r}], which holds "
                 f"{existing or 'something that is not a ' + kind + ' record'}: choose another "
                 f"{what}."
+            )
+    if adata is not None:
+        ours = record_kind(adata.uns.get(name)) == kind  # columns written with this record
+        taken = [c for c in obs_columns if c in adata.obs.columns and not ours]
+        if taken:
+            raise ValueError(
+                f"{what}={name!r} would replace adata.obs column(s) {taken}, which this tool did "
+                f"not write: choose another {what}."
             )
     return name
 
@@ -126,7 +168,37 @@ def record(adata: AnnData, key: str, *, kind: str, hint: str) -> dict:
     value = adata.uns.get(key)
     if not isinstance(value, dict):
         raise KeyError(f"No {kind} in adata.uns[{key!r}]: {hint}")
+    check_current(adata, key, value)
     return value
+
+
+def transcoders_id(adata: AnnData, key: str) -> str:
+    """The ``weights_id`` of the transcoder record ``adata.uns[key]``: results made with it
+    record it as ``params["transcoders_id"]`` (:func:`check_current`).
+    """
+    return str(adata.uns[key].get("weights_id", ""))
+
+
+def check_current(adata: AnnData, key: str, value: dict) -> None:
+    """Refuse a result made with transcoders that ``adata.uns`` no longer holds.
+
+    A result (activations, annotation, circuit, ...) records the transcoder record it used
+    (``params["transcoders_key"]``) and that record's ``weights_id`` (``transcoders_id``);
+    training or loading other transcoders under the same key gives a new id, and the old
+    result then describes features that are not there any more.
+    """
+    params = _params(value)
+    used, tkey = params.get("transcoders_id"), params.get("transcoders_key")
+    if not used or tkey is None or not isinstance(adata.uns.get(str(tkey)), dict):
+        return
+    current = adata.uns[str(tkey)].get("weights_id")
+    if current is not None and str(current) != str(used):
+        raise ValueError(
+            f"adata.uns[{key!r}] was made with other transcoders than those now in "
+            f"adata.uns[{str(tkey)!r}] (trained or loaded again since): its features are not "
+            "these. Compute it again (e.g. `sct.tl.feature_activations(adata)`, then the tools "
+            "that read it), or keep both sets under different keys (`key_added=`)."
+        )
 
 
 # -- transcoders ----------------------------------------------------------------------------------
@@ -161,12 +233,14 @@ def write_transcoders(
     params: dict,
     weights_dir: str | os.PathLike | None = None,
     manifest: str | None = None,
+    weights_id: str | None = None,
 ) -> None:
     """Store ``tset`` as ``adata.uns[key]``: weights in the record, or linked in ``weights_dir``.
 
     ``weights_dir`` must already hold the set (``tset.save(weights_dir)``); ``manifest`` is its
     manifest's sha256 when known (data-parallel ranks without the directory get rank 0's). The
-    record gets a new ``weights_id``: what the cache of built sets knows it by.
+    record gets a new ``weights_id`` (what the cache of built sets and the results made with
+    them know it by), or ``weights_id`` when the same weights are stored another way.
     """
     if weights_dir is not None:
         write_link(
@@ -178,9 +252,10 @@ def write_transcoders(
             params=params,
             n_bytes=tset.n_bytes,
             manifest=manifest,
+            weights_id=weights_id,
         )
         return
-    rec = _base_record(tset.model, tset.metrics, params)
+    rec = _base_record(tset.model, tset.metrics, params, weights_id)
     rec["transcoders"] = {
         Key.layer(layer): {"config": tc.config.to_dict(), **tc.to_numpy()}
         for layer, tc in tset.items()
@@ -198,12 +273,13 @@ def write_link(
     params: dict,
     n_bytes: int,
     manifest: str | None = None,
+    weights_id: str | None = None,
 ) -> None:
     """Store a transcoder record that links to the saved set in ``weights_dir`` (path and the
     sha256 of its manifest), without reading its weights.
     """
     path = Path(weights_dir).resolve()
-    rec = _base_record(model, metrics, params)
+    rec = _base_record(model, metrics, params, weights_id)
     rec["weights"] = {
         "path": str(path),
         "manifest_sha256": manifest or manifest_sha256(path),
@@ -212,12 +288,12 @@ def write_link(
     adata.uns[key] = rec
 
 
-def _base_record(model: dict, metrics: dict, params: dict) -> dict:
+def _base_record(model: dict, metrics: dict, params: dict, weights_id: str | None) -> dict:
     return {
         "params": params,
         "model": dict(model),
         "metrics": _metrics_to_uns(metrics),
-        "weights_id": uuid.uuid4().hex,
+        "weights_id": weights_id or uuid.uuid4().hex,
     }
 
 
@@ -267,10 +343,13 @@ def _cached_set(
         _cache[id(adata)] = OrderedDict()
         weakref.finalize(adata, _cache.pop, id(adata), None)
     cache = _cache[id(adata)]
-    if "weights_id" in rec:
-        token = str(rec["weights_id"])
-    elif "weights" in rec:
-        token = f"{rec['weights']['path']}:{rec['weights']['manifest_sha256']}"
+    link = (
+        f"{rec['weights']['path']}:{rec['weights']['manifest_sha256']}" if "weights" in rec else ""
+    )
+    if "weights_id" in rec:  # a record relinked keeps its id: where the weights are counts too
+        token = f"{rec['weights_id']}:{link}"
+    elif link:
+        token = link
     else:
         token = str(tuple(id(a) for entry in rec["transcoders"].values() for a in entry.values()))
     for stale in [k for k in cache if k[0] == key and k[1] != token]:
@@ -442,13 +521,40 @@ def strings(values) -> np.ndarray:
 # -- sentences ------------------------------------------------------------------------------------
 
 
+def _check_sentence_column(adata: AnnData, sentence_key: str, column: pd.Series) -> None:
+    """Refuse a column that holds numbers or labels rather than cell sentences.
+
+    Sentences made by :func:`sctranscoder.pp.cell_sentences` (their record is in
+    ``adata.uns[sentence_key]``) are taken as they are; any other column must hold text, and
+    not the few repeated values of a label column (say ``"bulk_labels"``).
+    """
+    fix = (
+        f"adata.obs[{sentence_key!r}] does not hold cell sentences ({{why}}): pass the "
+        "`sentence_key=` of the sentences, or make them with `sct.pp.cell_sentences(adata, "
+        "model=model)`."
+    )
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise ValueError(fix.format(why=f"it holds {column.dtype} values"))
+    if record_kind(adata.uns.get(sentence_key)) == "cell sentences" or adata.n_obs < 20:
+        return
+    n_distinct = column.nunique(dropna=True)
+    if n_distinct < adata.n_obs / 2:
+        raise ValueError(
+            fix.format(
+                why=f"{n_distinct} distinct values over {adata.n_obs} cells, as in a column of "
+                "labels, and no sentence record in adata.uns"
+            )
+        )
+
+
 def sentences(
     adata: AnnData, sentence_key: str = Key.sentence, *, n_genes: int | None = None
 ) -> list[list[str]]:
     """Cell sentences from ``adata.obs[sentence_key]`` as lists of symbols.
 
     With ``n_genes``, each sentence is cut to its top ``n_genes`` genes: a sentence is a ranking,
-    so this is exactly the sentence a model reading ``n_genes`` genes expects.
+    so this is exactly the sentence a model reading ``n_genes`` genes expects. A warning says so
+    when any sentence is longer.
     """
     if sentence_key not in adata.obs:
         raise KeyError(
@@ -456,6 +562,7 @@ def sentences(
             "model=model)` first, or pass `sentence_key=` naming the column with the sentences."
         )
     column = adata.obs[sentence_key]
+    _check_sentence_column(adata, sentence_key, column)
     missing = column.isna().to_numpy()
     if missing.any():  # str(NaN) would be read as a gene called "nan"
         names = list(adata.obs_names[missing][:3])
@@ -466,13 +573,61 @@ def sentences(
             f"cells that have one: `adata[adata.obs[{sentence_key!r}].notna()]`."
         )
     col = column.astype(str).to_numpy()
-    out = [s.split()[:n_genes] for s in col]
+    out = [s.split() for s in col]
+    longest = max(map(len, out), default=0)
+    if n_genes is not None and longest > n_genes:
+        logg.warning(
+            f"the sentences of adata.obs[{sentence_key!r}] hold up to {longest} genes, but the "
+            f"model reads {n_genes}: the top {n_genes} genes of each sentence are used (a "
+            "sentence is a ranking, so they are its sentence of that length)"
+        )
+        out = [s[:n_genes] for s in out]
     empty = [adata.obs_names[i] for i, g in enumerate(out) if not g]
     if empty:
         raise ValueError(
             f"{len(empty)} cells have empty sentences (e.g. {empty[:3]}); filter them out first."
         )
     return out
+
+
+def sentence_organism(adata: AnnData, sentence_key: str) -> str | None:
+    """The organism recorded with the sentences of ``adata.obs[sentence_key]`` by
+    :func:`~sctranscoder.pp.cell_sentences`, or ``None`` without such a record.
+    """
+    rec = adata.uns.get(sentence_key)
+    if record_kind(rec) != "cell sentences" or "organism" not in rec["params"]:
+        return None
+    return str(rec["params"]["organism"])
+
+
+def cell_prompts(
+    adata: AnnData, sentence_key: str, model: C2SModel, *, trained: dict | None = None
+) -> tuple[list[list[str]], C2SModel]:
+    """The sentences of ``adata.obs[sentence_key]`` as a model reads them, and that model.
+
+    Sentences are cut to the model's ``n_genes`` (:func:`sentences`). Prompts name the organism
+    recorded with the sentences (``adata.uns[sentence_key]["params"]["organism"]``): the cells'
+    organism is a fact of the data, so where it differs from the model's setting, a copy of
+    ``model`` with that organism is returned (same weights and tokenizer), and the model's
+    ``record()`` names it. With ``trained``, the model record of a transcoder set: a warning when
+    its prompts named another organism.
+    """
+    organism = sentence_organism(adata, sentence_key)
+    if organism is not None and organism != model.settings.organism:
+        logg.info(
+            f"prompts name {organism!r}, the organism of the sentences in "
+            f"adata.obs[{sentence_key!r}] (the model's setting is {model.settings.organism!r})"
+        )
+        model = replace(model, settings=replace(model.settings, organism=organism))
+    used = str(trained.get("organism", "")) if trained is not None else ""
+    if used and used != model.settings.organism:
+        logg.warning(
+            f"these transcoders were trained on prompts naming {used!r} cells, but the prompts "
+            f"of adata.obs[{sentence_key!r}] name {model.settings.organism!r}: their features "
+            "may not mean the same here. Train transcoders on these sentences, or build the "
+            f"sentences with `sct.pp.cell_sentences(adata, model, organism={used!r})`"
+        )
+    return sentences(adata, sentence_key, n_genes=model.settings.n_genes), model
 
 
 # -- activations ----------------------------------------------------------------------------------
@@ -541,9 +696,15 @@ def circuit_record(adata: AnnData, circuit: str) -> tuple[str, dict]:
     from ._legacy import upgrade
 
     upgrade(adata)
-    for name in (circuit, Key.circuit(str(circuit))):
+    for name in (circuit, Key.circuit(str(circuit)), Key.legacy_circuit(str(circuit))):
         value = adata.uns.get(name)
-        if isinstance(value, dict) and "nodes" in value and "edges" in value:
+        if not (isinstance(value, dict) and "nodes" in value and "edges" in value):
+            continue
+        # a cell name found through a default key must be that cell's circuit (before 0.2 the
+        # cells "a/b" and "a_b" shared the key "circuit_a_b")
+        cell = _params(value).get("cell")
+        if name == circuit or cell is None or str(cell) == str(circuit):
+            check_current(adata, name, value)
             return name, value
     available = circuit_names(adata)
     raise KeyError(
@@ -551,6 +712,36 @@ def circuit_record(adata: AnnData, circuit: str) -> tuple[str, dict]:
         f"{Key.circuit(str(circuit))!r}); circuits: {available}. Trace one with "
         "`sct.tl.trace_circuit(adata, cell=...)`."
     )
+
+
+def circuit_dependents(adata: AnnData, circuit: str) -> tuple[list[str], list[str]]:
+    """``(uns keys, obs columns)`` written from circuit ``circuit``: its enrichments and scores
+    (records whose ``params["circuit"]`` names it) and the score columns in ``obs``.
+    """
+    uns, obs = [], []
+    for key, value in adata.uns.items():
+        if record_kind(value) not in ("circuit enrichment", "circuit score"):
+            continue
+        if str(_params(value).get("circuit", "")) != circuit:
+            continue
+        uns.append(key)
+        if record_kind(value) == "circuit score":
+            obs += [c for c in (key, Key.gene_score(key)) if c in adata.obs.columns]
+    return uns, obs
+
+
+def remove_circuit(adata: AnnData, circuit: str) -> list[str]:
+    """Remove circuit ``circuit`` and what was derived from it; the names removed."""
+    uns, obs = circuit_dependents(adata, circuit)
+    for key in [circuit, *uns]:
+        adata.uns.pop(key, None)
+    adata.obs.drop(columns=obs, inplace=True)
+    return [f"adata.uns[{k!r}]" for k in [circuit, *uns]] + [f"adata.obs[{c!r}]" for c in obs]
+
+
+def _params(value: object) -> dict:
+    params = value.get("params") if isinstance(value, dict) else None
+    return params if isinstance(params, dict) else {}
 
 
 def circuit_names(adata: AnnData) -> list[str]:

@@ -249,6 +249,23 @@ def test_load_model_missing_directory(tmp_path):
         load_model(tmp_path / "no-such-model")
 
 
+def test_load_model_directory_without_config_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"holds no config\.json.*tiny_c2s"):
+        load_model(tmp_path)
+
+
+def test_load_model_applies_dtype_and_settings_to_a_model_object():
+    m = load_model(
+        tiny_neox(), tokenizer=tiny_tokenizer(), dtype="bfloat16", settings={"n_genes": 7}
+    )
+    assert {p.dtype for p in m.model.parameters()} == {torch.bfloat16}
+    assert m.settings.n_genes == 7
+    m = load_model(tiny_neox(), tokenizer=tiny_tokenizer(), dtype=torch.float16, device="cpu")
+    assert {p.dtype for p in m.model.parameters()} == {torch.float16}
+    with pytest.raises(ValueError, match=r"Unknown prompt setting.*'n_gene'"):
+        load_model(tiny_neox(), tokenizer=tiny_tokenizer(), settings={"n_gene": 7})
+
+
 def test_load_model_unreachable_hub_id_points_to_tiny_c2s(monkeypatch, tmp_path):
     # offline: fail at once instead of retrying the network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -259,6 +276,38 @@ def test_load_model_unreachable_hub_id_points_to_tiny_c2s(monkeypatch, tmp_path)
     with pytest.raises(OSError, match=r"sct\.datasets\.tiny_c2s\(\)"):
         load_model("sctranscoder-test/does-not-exist")
     assert time.perf_counter() - start < 10
+
+
+def _unreachable_hub(monkeypatch, cache):
+    """No HF_HUB_OFFLINE, an empty or given cache, and a hub endpoint that refuses at once."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_uncached_hub_id_fails_at_once_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+    _unreachable_hub(monkeypatch, tmp_path)
+    import transformers
+
+    def no_retries(*args, **kwargs):
+        raise AssertionError("the hub client was asked (and would retry for ~23 s)")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_retries)
+    with pytest.raises(OSError, match=r"not in the Hugging Face cache.*tiny_c2s\(\)"):
+        load_model("sctranscoder-test/not-cached")
+
+
+def test_cached_hub_id_loads_from_the_cache_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+    repo = tmp_path / "models--sctranscoder-test--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    tiny_gpt2(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    _unreachable_hub(monkeypatch, tmp_path)
+    m = load_model("sctranscoder-test/tiny")
+    assert m.name == "sctranscoder-test/tiny"
+    assert m.fingerprint == load_model(snapshot).fingerprint
 
 
 # -- identity ----------------------------------------------------------------------------------

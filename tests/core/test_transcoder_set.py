@@ -370,3 +370,54 @@ def test_moved_transcoder_is_a_copy_and_leaves_the_original_where_it_was():
     assert meta is not tc
     assert meta.W_enc.device.type == "meta"
     assert tc.W_enc.device.type == "cpu"
+
+
+_KILLED_SAVE = """
+import sys, time
+from pathlib import Path
+import safetensors.torch
+import torch
+from sctranscoder.core.transcoder import Transcoder, TranscoderConfig
+from sctranscoder.core.transcoder_set import TranscoderSet
+
+path, marker = Path(sys.argv[1]), Path(sys.argv[2])
+real_save = safetensors.torch.save_file
+def slow_save(tensors, filename, *args, **kwargs):
+    real_save(tensors, filename, *args, **kwargs)
+    marker.write_text(filename)  # one layer file is written: the parent kills us now
+    time.sleep(60)
+safetensors.torch.save_file = slow_save
+cfg = TranscoderConfig(16, 12, 64, activation="topk", k=8)
+gen = torch.Generator().manual_seed(7)
+TranscoderSet({la: Transcoder(cfg, generator=gen) for la in range(4)}).save(path, overwrite=True)
+"""
+
+
+def test_a_save_killed_midway_leaves_the_previous_directory_intact(saved, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tset, path = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    marker = tmp_path / "one-layer-written"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(path), str(marker)])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "the saving process ended before it was killed"
+            assert time.monotonic() < deadline, "the saving process never wrote a layer"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    # the half-written set went to a temporary sibling, never into the directory
+    assert marker.read_text().startswith(str(path.parent / f".{path.name}.tmp-"))
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    _assert_same_weights(TranscoderSet.load(path), tset)
+    # the next save still works, and replaces the set whole
+    other = TranscoderSet({5: _transcoder(seed=9)}, dict(MODEL))
+    other.save(path, overwrite=True)
+    _assert_same_weights(TranscoderSet.load(path), other)

@@ -114,3 +114,12 @@ def test_h5mu_round_trip(trained_base, tmp_path):
     pd.testing.assert_frame_equal(
         sct.get.feature_table(rna, 1), sct.get.feature_table(trained_base, 1), check_dtype=False
     )
+
+
+def test_one_feature_or_layer_need_not_be_a_list(trained_base):
+    # a name is one feature, not its characters; an int is one layer
+    ax = sct.pl.activations(trained_base, 2, features="L2F3", show=False)
+    assert ax.get_title() == "L2F3"
+    assert sct.pl.activations(trained_base, 2, features=3, show=False).get_title() == "L2F3"
+    assert list(sct.get.mudata(trained_base, layers=2).mod) == ["rna", "L2"]
+    assert sct.get.transcoders(trained_base, layers=1).layers == [1]

@@ -84,7 +84,7 @@ def test_card_errors(annotated_base):
     with pytest.raises(ValueError, match="not a feature name"):
         sct.pl.feature(adata, "F5", show=False)
     n = len(sct.get.feature_table(adata, 2))
-    with pytest.raises(IndexError, match=rf"layer 2 has features 0\.\.{n - 1}"):
+    with pytest.raises(ValueError, match=rf"does not exist: layer 2 has {n} features"):
         sct.pl.feature(adata, f"L2F{n}", show=False)
     with pytest.raises(ValueError, match="not a feature name"):
         sct.pl.feature(adata, "L2F-1", show=False)
@@ -92,3 +92,11 @@ def test_card_errors(annotated_base):
     del fresh.uns["sct_activations"]
     with pytest.raises(KeyError, match=r"sct\.tl\.feature_activations"):
         sct.pl.feature(fresh, "L2F0", show=False)
+
+
+def test_card_basis_must_exist_or_be_none(annotated_base):
+    with pytest.raises(KeyError, match="basis=None"):
+        sct.pl.feature(annotated_base, "L2F5", basis="tsne", show=False)
+    axes = sct.pl.feature(annotated_base, "L2F5", basis=None, show=False)
+    assert [t.get_text() for t in axes[2].texts] == ["no embedding (basis=None)"]
+    assert not axes[2].collections

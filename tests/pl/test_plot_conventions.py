@@ -114,3 +114,26 @@ def test_show_defaults_to_autoshow(adata, name, autoshow, monkeypatch):
     monkeypatch.setattr(plt, "show", lambda *a, **k: None)
     autoshow(True)
     assert plot(adata) is None
+
+
+@pytest.mark.parametrize("name", PLOTS)
+def test_save_extension_sets_any_matplotlib_format(adata, name, figdir):
+    # scanpy's rule (the extension at the end of the suffix sets the format), for every format
+    # matplotlib writes, not only png/pdf/svg: '.jpg' writes '<key>.jpg', a JPEG
+    plot, writekey, _ = PLOTS[name]
+    plot(adata, show=False, save=".jpg")
+    key = writekey.format(cell=adata.obs_names[0])
+    assert (figdir / f"{key}.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    plot(adata, show=False, save="_x.tiff")
+    assert (figdir / f"{key}_x.tiff").read_bytes()[:4] == b"II*\x00"
+    assert sorted(p.name for p in figdir.iterdir()) == [f"{key}.jpg", f"{key}_x.tiff"]
+
+
+@pytest.mark.parametrize("name", PLOTS)
+def test_save_with_a_path_is_refused_before_drawing(adata, name, figdir):
+    plot, _, _ = PLOTS[name]
+    n_figures = len(plt.get_fignums())
+    with pytest.raises(ValueError, match=r"path separator.*fig\.savefig"):
+        plot(adata, show=False, save="/tmp/x.png")
+    assert len(plt.get_fignums()) == n_figures
+    assert not list(figdir.iterdir())

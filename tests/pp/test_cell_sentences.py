@@ -221,3 +221,68 @@ def test_argument_errors(pbmc):
     # a name or path is loaded like any model (here: a directory that is not there)
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         cell_sentences(pbmc, "./no_such_model")
+
+
+def _suggested_fix(message: str) -> str:
+    """The code the error suggests, between the backticks after "e.g. the first:"."""
+    return message.split("e.g. the first: `", 1)[1].split("`", 1)[0]
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+@pytest.mark.parametrize("where", ["var_names", "column", "raw"])
+def test_duplicated_symbols_are_refused_and_the_suggested_fix_works(pbmc, where):
+    # issue 12: a duplicated symbol made sentences that name a gene twice
+    adata = _raw_only(pbmc)
+    names = list(adata.var_names)
+    names[10] = names[3].lower()  # the same gene once upper-cased
+    names[20] = names[3]
+    if where == "column":
+        adata.var["symbol"] = names
+        adata.var_names = [f"id{j}" for j in range(adata.n_vars)]
+    elif where == "raw":
+        adata.var_names = names
+        adata.raw = adata
+        adata.X = sc.pp.scale(adata.X.toarray())  # X scaled: .raw is read
+    else:
+        adata.var_names = names
+    kw = {"gene_symbols": "symbol"} if where == "column" else {}
+    obs_before, uns_before = adata.obs.copy(), set(adata.uns)
+
+    with pytest.raises(ValueError, match="1 gene symbols occur more than once") as err:
+        cell_sentences(adata, **kw)
+    message = str(err.value)
+    assert f"{names[3].upper()!r} x3" in message
+    assert "var_names_make_unique" in message
+    pd.testing.assert_frame_equal(adata.obs, obs_before)
+    assert set(adata.uns) == uns_before
+
+    exec(_suggested_fix(message), {}, scope := {"adata": adata})
+    fixed = scope["adata"]
+    cell_sentences(fixed, **kw)
+    n_vars = (fixed.raw if where == "raw" else fixed).n_vars
+    assert n_vars == pbmc.raw.n_vars - 2
+    assert all(len(s) == len(set(s)) for s in _sentences(fixed))
+
+
+def test_organism_is_what_the_training_prompts_name(pbmc, model, monkeypatch, sct_logs):
+    # issue 12: `organism=` was stored but every prompt said "Homo sapiens"
+    adata = pbmc[:24].copy()
+    cell_sentences(adata, model=model, organism="Mus musculus")
+    assert adata.uns["cell_sentence"]["params"]["organism"] == "Mus musculus"
+    prompts = []
+    tokenize = C2SModel.tokenize
+
+    def spy(self, gene_lists):
+        batch = tokenize(self, gene_lists)
+        prompts.extend(batch.prompts)
+        return batch
+
+    monkeypatch.setattr(C2SModel, "tokenize", spy)
+    import sctranscoder as sct
+
+    sct.tl.train_transcoders(adata, model, layers=[0], n_tokens=512, batch_size=256, progress=False)
+    assert prompts
+    assert all("in a Mus musculus cell." in p for p in prompts)
+    assert adata.uns["sct"]["model"]["organism"] == "Mus musculus"
+    assert model.settings.organism == "Homo sapiens"  # the caller's model is left as it was
+    assert "prompts name 'Mus musculus'" in sct_logs.text

@@ -99,7 +99,12 @@ def test_heads_of_a_chosen_feature_node_and_bad_names(trained_base):
     nodes = adata.uns[f"circuit_{cell}"]["nodes"]
     feature = nodes[(nodes["type"] == "feature") & nodes["value"].notna()].index[0]
     sct.tl.trace_circuit(
-        adata, cell=cell, max_feature_nodes=16, head_nodes=["target", feature], progress=False
+        adata,
+        cell=cell,
+        max_feature_nodes=16,
+        head_nodes=["target", feature],
+        overwrite=True,
+        progress=False,
     )
     heads = adata.uns[f"circuit_{cell}"]["heads"]
     assert set(heads["node"]) == {"target", feature}
@@ -108,10 +113,15 @@ def test_heads_of_a_chosen_feature_node_and_bad_names(trained_base):
     assert mine["attribution"].sum() == pytest.approx(expected, rel=1e-4, abs=1e-4)
     before = dict(adata.uns)
     with pytest.raises(ValueError, match="head_nodes"):
-        sct.tl.trace_circuit(adata, cell=cell, head_nodes=["L9"], progress=False)
+        sct.tl.trace_circuit(adata, cell=cell, head_nodes=["L9"], key_added="t", progress=False)
     with pytest.raises(ValueError, match="not explored"):
         sct.tl.trace_circuit(
-            adata, cell=cell, max_feature_nodes=4, head_nodes=["L0F99999@0"], progress=False
+            adata,
+            cell=cell,
+            max_feature_nodes=4,
+            head_nodes=["L0F99999@0"],
+            key_added="t",
+            progress=False,
         )
     assert set(adata.uns) == set(before)
 
@@ -159,8 +169,19 @@ def test_feature_connections_match_the_weights(trained_base, model):
     assert set(adata.uns["fc3"]["connections"]["direction"]) == {"upstream"}
     with pytest.raises(ValueError, match="feature name"):
         sct.tl.feature_connections(adata, ["3"])
-    with pytest.raises(ValueError, match=r"features 0\.\."):
+    with pytest.raises(ValueError, match=r"L1F999999 does not exist: layer 1 has \d+ features"):
         sct.tl.feature_connections(adata, ["L1F999999"])
+
+
+def test_feature_connections_say_when_they_replace_a_result(trained_base, sct_logs):
+    adata = trained_base[:5].copy()
+    sct.tl.feature_connections(adata, "L1F3", n_top=2)
+    assert "replaced" not in sct_logs.text
+    sct.tl.feature_connections(adata, "L2F5", n_top=2)
+    assert "replaced adata.uns['feature_connections'], the connections of ['L1F3']" in (
+        sct_logs.text
+    )
+    assert adata.uns["feature_connections"]["params"]["features"] == ["L2F5"]
 
 
 def test_no_head_nodes_gives_an_empty_table(trained_base):

@@ -141,3 +141,59 @@ def test_a_run_again_under_the_same_key_replaces_the_old_matrices(trained_base):
         small, layers=[1], genes=False, key_added="sct_activations", progress=False
     )
     assert not any(k.startswith("X_sct_activations") for k in small.obsm)
+
+
+def test_sentences_naming_a_gene_twice_are_refused(trained_base):
+    # issue 12: a gene named twice in a sentence counted its cell twice in the gene tables
+    small = trained_base[:6].copy()
+    genes = small.obs["cell_sentence"].iloc[2].split()
+    small.obs.loc[small.obs_names[2], "cell_sentence"] = " ".join([genes[1], *genes[1:]])
+    before_obsm, before_uns = set(small.obsm), dict(small.uns["sct_activations"])
+    with pytest.raises(ValueError, match=r"1 cells of .* name a gene more than once") as err:
+        sct.tl.feature_activations(small, layers=[0], key_added="dup", progress=False)
+    assert small.obs_names[2] in str(err.value)
+    assert f"{genes[1]!r} x2" in str(err.value)
+    assert "sct.pp.cell_sentences" in str(err.value)
+    assert set(small.obsm) == before_obsm
+    assert "dup" not in small.uns
+    assert small.uns["sct_activations"].keys() == before_uns.keys()
+    # without gene tables nothing is counted per gene, and a gene's two places are two genes
+    sct.tl.feature_activations(small, layers=[0], genes=False, key_added="dup", progress=False)
+
+
+def test_longer_sentences_are_cut_with_a_warning(trained_base, model, sct_logs):
+    small = trained_base[:4].copy()
+    sct.tl.feature_activations(small, layers=[0], genes=False, key_added="a", progress=False)
+    assert "genes, but the model reads" not in sct_logs.text  # made for this model: no cut
+    sct.pp.cell_sentences(small)  # the C2S default of 200 genes, the model reads 100
+    longest = int(small.obs["cell_sentence_n_genes"].max())
+    assert longest > model.settings.n_genes
+    sct.tl.feature_activations(small, layers=[0], genes=False, key_added="b", progress=False)
+    assert (
+        f"hold up to {longest} genes, but the model reads {model.settings.n_genes}: the top "
+        f"{model.settings.n_genes} genes of each sentence are used"
+    ) in sct_logs.text
+    assert (small.obsm["X_a_L0"] != small.obsm["X_b_L0"]).nnz == 0
+
+
+def test_prompts_name_the_organism_of_the_sentences(trained_base, model, sct_logs):
+    # issue 12: `organism=` of cell_sentences was recorded, but prompts said "Homo sapiens"
+    from dataclasses import replace
+
+    cells = [0, 7]
+    small = trained_base[cells].copy()
+    params = dict(small.uns["cell_sentence"]["params"])
+    small.uns["cell_sentence"] = {"params": {**params, "organism": "Mus musculus"}}
+    sct.tl.feature_activations(small, layers=[1], aggregate="last", genes=False, progress=False)
+
+    assert "prompts name 'Mus musculus'" in sct_logs.text
+    # the transcoders were trained on human prompts: said, not refused
+    assert "trained on prompts naming 'Homo sapiens' cells" in sct_logs.text
+    mouse = replace(model, settings=replace(model.settings, organism="Mus musculus"))
+    got = small.obsm["X_sct_L1"].toarray()
+    for m, same in ((mouse, True), (model, False)):
+        acts, batch = _direct_activations(m, trained_base, 1, cells)
+        assert f"in a {m.settings.organism} cell" in batch.prompts[0]
+        last = np.stack([acts[r, int(batch.lengths[r]) - 1] for r in range(len(cells))])
+        assert np.allclose(got, last, rtol=1e-5, atol=1e-6) == same
+    assert model.settings.organism == "Homo sapiens"  # the caller's model is left as it was

@@ -118,9 +118,9 @@ def test_gene_attribution_bad_inputs(trained_base, fired):
     n_features = trained_base.obsm[f"X_sct_L{LAYER}"].shape[1]
     partial = trained_base.copy()
     del partial.uns["sct"]["transcoders"]["layer_1"]
-    with pytest.raises(KeyError, match="No transcoder for layer"):
+    with pytest.raises(ValueError, match="has no transcoder for layer 1"):
         sct.tl.gene_attribution(partial, feature="L1F0", cells=[cell], progress=False)
-    with pytest.raises(ValueError, match=r"has features 0\.\.1023"):
+    with pytest.raises(ValueError, match=r"has 1024 features \(L2F0\.\.L2F1023\)"):
         sct.tl.gene_attribution(trained_base, feature=f"L{LAYER}F{n_features}", progress=False)
     with pytest.raises(ValueError, match="not a feature name"):
         sct.tl.gene_attribution(trained_base, feature="2:17", progress=False)

@@ -146,3 +146,21 @@ def test_group_with_a_slash_writes_to_zarr_and_h5ad(ranked, tmp_path):
         df0 = sc.get.rank_genes_groups_df(ranked, _group(SLASHED), key="rank_features_groups")
         df1 = sc.get.rank_genes_groups_df(back, _group(SLASHED), key="rank_features_groups")
         pd.testing.assert_frame_equal(df0, df1, check_dtype=False)
+
+
+def test_cells_without_a_group_are_left_out_with_a_warning(ranked, sct_logs):
+    with_nan = ranked.copy()
+    with_nan.obs["g"] = with_nan.obs["bulk_labels"].astype(object)
+    with_nan.obs.loc[with_nan.obs_names[:5], "g"] = np.nan
+    sct.tl.rank_features_groups(with_nan, groupby="g", layers=[LAYER], key_added="g")
+    assert "5 cells have no group (NaN) in adata.obs['g']" in sct_logs.text
+    # the same as ranking the other cells alone
+    rest = ranked[5:].copy()
+    rest.obs["g"] = rest.obs["bulk_labels"].astype(str)
+    sct.tl.rank_features_groups(rest, groupby="g", layers=[LAYER], key_added="g")
+    got, want = with_nan.uns["g"], rest.uns["g"]
+    pd.testing.assert_frame_equal(got["group_means"], want["group_means"])
+    assert got["names"].dtype.names == want["names"].dtype.names
+    for group in want["names"].dtype.names:
+        np.testing.assert_array_equal(got["names"][group], want["names"][group])
+        np.testing.assert_allclose(got["scores"][group], want["scores"][group])

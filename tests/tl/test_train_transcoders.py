@@ -125,13 +125,17 @@ def test_config_and_overrides_are_the_same_settings(model):
     by_kwargs = sct.tl.train_transcoders(
         adata, model, config=config.replace(k=8), k=16, layers=[0], progress=False, copy=True
     )
-    for out in (by_config, by_kwargs):
+    # config= may also be a dict of TrainingConfig fields (as stored in params["config"])
+    by_dict = sct.tl.train_transcoders(
+        adata, model, config=config.to_dict(), layers=[0], progress=False, copy=True
+    )
+    for out in (by_config, by_kwargs, by_dict):
         assert out.uns["sct"]["params"]["config"]["k"] == 16
         assert out.uns["sct"]["transcoders"]["layer_0"]["config"]["k"] == 16
-    np.testing.assert_array_equal(
-        by_config.uns["sct"]["transcoders"]["layer_0"]["W_enc"],
-        by_kwargs.uns["sct"]["transcoders"]["layer_0"]["W_enc"],
-    )
+        np.testing.assert_array_equal(
+            by_config.uns["sct"]["transcoders"]["layer_0"]["W_enc"],
+            out.uns["sct"]["transcoders"]["layer_0"]["W_enc"],
+        )
 
 
 def test_relu_transcoders(model):

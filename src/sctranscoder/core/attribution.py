@@ -17,6 +17,7 @@ features. Torch only.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -341,8 +342,10 @@ def build_graph(
     if target.kind == "feature":
         # features at or above the target's layer cannot affect it
         is_feature &= g.layer < int(target.layer)
+    n_explore = min(max_feature_nodes, int(is_feature.sum()))
+    check_memory(n_explore + 1, len(g.node_type), rows[0].itemsize)
     bar = tqdm(
-        total=min(max_feature_nodes, int(is_feature.sum())),
+        total=n_explore,
         desc="attribution",
         disable=not progress,
         unit="node",
@@ -365,6 +368,23 @@ def build_graph(
         bar.update(len(chosen))
     bar.close()
     return g
+
+
+def check_memory(n_rows: int, n_nodes: int, itemsize: int) -> None:
+    """Refuse to explore ``n_rows`` nodes when their edge rows (``n_nodes`` each) would not fit
+    in the memory available now (80% of it), before any is computed.
+    """
+    need = n_rows * n_nodes * itemsize
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform says
+        return
+    if need > 0.8 * available:
+        raise MemoryError(
+            f"Exploring {n_rows - 1} feature nodes of this prompt ({n_nodes} nodes) needs "
+            f"{need / 2**30:.1f} GiB for their edges, and {available / 2**30:.1f} GiB are free: "
+            "lower max_feature_nodes (512, the default, is usually enough)."
+        )
 
 
 @dataclass

@@ -12,6 +12,7 @@ Launch with ``torchrun --nproc-per-node <n> your_script.py`` (one process per GP
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "broadcast_module",
     "broadcast_object",
     "default_device",
+    "gather_object",
     "is_distributed",
     "rank",
     "shard",
@@ -126,6 +128,20 @@ def broadcast_object(obj: Any, device: torch.device | None = None) -> Any:
     cuda = device is not None and torch.device(device).type == "cuda"
     dist.broadcast_object_list(box, src=0, device=torch.device(device) if cuda else None)
     return box[0]
+
+
+def gather_object(obj: Any, device: torch.device | None = None) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable; tensors on the CPU), as a list by rank on rank 0 and
+    ``None`` on the others; ``[obj]`` without ranks. Devices as in :func:`broadcast_object`.
+    """
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size() if rank() == 0 else None
+    cuda = device is not None and torch.device(device).type == "cuda"
+    # NCCL moves the pickled objects through the current CUDA device
+    with torch.cuda.device(torch.device(device)) if cuda else contextlib.nullcontext():
+        dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def default_device() -> str | None:

@@ -31,6 +31,24 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` (same suffix) for a writer that takes a file name, such
+    as ``AnnData.write_h5ad``; on success it is synced and renamed onto ``path``, on any error or
+    interruption it is removed and ``path`` is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write a directory into; on success it replaces
     ``path`` (synced first), on any error it is removed and ``path`` is left as it was.

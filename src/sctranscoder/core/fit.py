@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,9 +15,14 @@ from .training import train_transcoders as _train
 from .transcoder_set import TranscoderSet
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    import os
+    from collections.abc import Callable, Sequence
 
     from .model import C2SModel
+    from .training import TrainingLog
+
+#: Training cells whose sentences identify the cells of a checkpointed run (evenly spaced).
+IDENTITY_CELLS = 1024
 
 
 def fit_transcoders(
@@ -26,6 +32,11 @@ def fit_transcoders(
     layers: list[int],
     config: TrainingConfig,
     progress: bool = True,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    callback: Callable[[TrainingLog], object] | None = None,
 ) -> tuple[TranscoderSet, dict]:
     """Train transcoders on the training cells' prompts and measure them on the validation ones.
 
@@ -43,6 +54,13 @@ def fit_transcoders(
         Training settings.
     progress
         Show a progress bar.
+    checkpoint_dir, checkpoint_every, resume
+        Checkpoints of training and resuming from one
+        (:func:`~sctranscoder.core.training.train_transcoders`); a checkpoint also records the
+        model's fingerprint, the prompt settings and the cells (:func:`run_identity`), and
+        resuming is refused when they differ.
+    callback
+        Called with the training log after every step (raise in it to stop training).
 
     Returns
     -------
@@ -61,9 +79,18 @@ def fit_transcoders(
             "use more cells or fewer ranks."
         )
     dev, d = model.device, model.d_model
-    stream = prompt_batches(
-        model, cells, rank_cells, batch_size=config.prompt_batch_size, seed=config.seed, repeat=True
-    )
+
+    def stream(start: int):
+        return prompt_batches(
+            model,
+            cells,
+            rank_cells,
+            batch_size=config.prompt_batch_size,
+            seed=config.seed,
+            repeat=True,
+            start=start,
+        )
+
     transcoders, log = _train(
         model.model,
         stream,
@@ -73,6 +100,11 @@ def fit_transcoders(
         d_out=d,
         device=dev,
         progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        identity=run_identity(model, cells, is_val) if checkpoint_dir is not None else None,
+        callback=callback,
     )
 
     def val_stream():
@@ -113,3 +145,25 @@ def fit_transcoders(
         transcoders, model=model.record(), config=config, run=dict(run), metrics=metrics
     )
     return tset, run
+
+
+def run_identity(model: C2SModel, cells: Sequence[Sequence[str]], is_val: np.ndarray) -> dict:
+    """What a training checkpoint records of the model and the data, to refuse resuming with
+    others: the model's fingerprint, its prompt settings, the train/validation split, and a hash
+    of the sentences of up to :data:`IDENTITY_CELLS` evenly spaced training cells.
+    """
+    train_cells = np.flatnonzero(~is_val)
+    sample = train_cells[np.linspace(0, train_cells.size - 1, IDENTITY_CELLS).astype(int)]
+    sentences = hashlib.sha256()
+    for i in np.unique(sample):
+        sentences.update((" ".join(map(str, cells[i])) + "\n").encode())
+    split = hashlib.sha256(np.packbits(np.asarray(is_val, dtype=bool)).tobytes())
+    return {
+        "model_fingerprint": model.fingerprint,
+        "prompt_template": str(model.settings.template),
+        "prompt_organism": str(model.settings.organism),
+        "n_genes": int(model.settings.n_genes),
+        "n_cells": len(is_val),
+        "cell_split": split.hexdigest()[:16],
+        "cell_sentences": sentences.hexdigest()[:16],
+    }

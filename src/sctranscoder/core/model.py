@@ -13,7 +13,7 @@ import inspect
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -315,6 +315,59 @@ def random_like(model: C2SModel, *, seed: int = 0) -> C2SModel:
     )
 
 
+#: Seconds to wait for the Hugging Face Hub to accept a connection before loading offline.
+HUB_TIMEOUT = 3.0
+
+
+def hub_cache() -> str:
+    """The Hugging Face cache directory in use (``HF_HUB_CACHE``, ``HF_HOME``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_offline(repo_id: str) -> bool:
+    """Whether hub id ``repo_id`` must be loaded from the local cache only.
+
+    True when ``HF_HUB_OFFLINE`` is set, or when the model's ``config.json`` is cached and the
+    hub does not accept a connection within :data:`HUB_TIMEOUT` seconds. Raises an ``OSError``
+    at once (instead of after the hub client's retries) when it is neither cached nor reachable.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(
+            try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache()), str
+        )
+    except ValueError:  # not a valid repo id: let the hub client say so
+        return False
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        host, port = (
+            url.hostname or "huggingface.co",
+            url.port or (80 if url.scheme == "http" else 443),
+        )
+        socket.create_connection((host, port), timeout=HUB_TIMEOUT).close()
+    except OSError as err:
+        if cached:
+            logger.info(
+                "the hub is unreachable (%s): loading %s from the local cache", err, repo_id
+            )
+            return True
+        raise OSError(
+            f"Could not load {repo_id!r}: it is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and the hub ({constants.ENDPOINT}) cannot be reached "
+            f"({err}). Without network, download the model elsewhere (`hf download {repo_id}`) "
+            "and pass its directory, or use the embedded model: `sct.datasets.tiny_c2s()`."
+        ) from None
+    return False
+
+
 def load_model(
     model: str | Path | nn.Module | C2SModel | None = None,
     *,
@@ -330,28 +383,45 @@ def load_model(
     ----------
     model
         A :class:`C2SModel`, a Hugging Face model object (pass ``tokenizer`` too), a local
-        directory, or a hub id (default :data:`DEFAULT_C2S_MODEL`; needs network or the HF cache).
+        directory, or a hub id (default :data:`DEFAULT_C2S_MODEL`). A hub id is read from the
+        Hugging Face cache when the hub is unreachable (or ``HF_HUB_OFFLINE=1``); when it is
+        neither cached nor reachable, the error comes at once, not after the hub client's
+        retries (:func:`hub_offline`).
         ``trust_remote_code`` is never enabled.
     tokenizer
         Tokenizer for a model object, or to override the one stored with the model.
     settings
-        Prompt settings; default: those recorded with the model (``sctranscoder.json``) or the
-        C2S defaults.
-    device, dtype
-        Where and in which precision to hold the model (default: CPU, stored precision).
+        Prompt settings, as a :class:`PromptSettings` or a dict of its fields (``n_genes``,
+        ``template``, ``organism``, ``answer_prefix``, ``extra``; other keys are refused).
+        Default: those recorded with the model (``sctranscoder.json``) or the C2S defaults.
+    device
+        Where to hold the model: one of this machine's devices (``"cpu"``, ``"cuda:0"``,
+        ``"mps"``; others are refused, naming those available). Default: CPU.
+    dtype
+        Floating-point precision (``torch.float16``, ``"bfloat16"``, ...), applied to model
+        objects as to loaded ones. Default: the stored precision.
     name
-        Name recorded with results (default: the path or hub id).
+        Name recorded with results, a non-empty str (default: the path or hub id).
     """
+    from .._validate import check_device
+
+    if not (model is None or isinstance(model, str | Path | nn.Module | C2SModel)):
+        raise TypeError(
+            "model must be a C2SModel, a Hugging Face model object, a model directory or a hub "
+            f"id (str), got {type(model).__name__}."
+        )
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"name must be a non-empty str (or None for the default), got {name!r}.")
+    settings = _check_settings(settings)
+    dtype = _check_dtype(dtype)
+    device = check_device(device)
+    to_dtype = dtype if isinstance(dtype, torch.dtype) else None  # "auto": as stored
     if isinstance(model, C2SModel):
         m = model
         if settings is not None:
-            m.settings = (
-                settings
-                if isinstance(settings, PromptSettings)
-                else PromptSettings.from_dict(settings)
-            )
-        if device is not None or dtype is not None:
-            m.model.to(device=device, dtype=dtype)
+            m.settings = settings
+        if device is not None or to_dtype is not None:
+            m.model.to(device=device, dtype=to_dtype)
         return m
     if model is None:
         model = DEFAULT_C2S_MODEL
@@ -374,14 +444,29 @@ def load_model(
                 f"{source!r} is not a model directory. Pass a directory written by "
                 "`save_pretrained`, a Hugging Face hub id, or use sct.datasets.tiny_c2s()."
             )
+        if is_local and not (local / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{source!r} holds no config.json, so it is no model directory. Pass a directory "
+                "written by `save_pretrained` (config.json and weights), a Hugging Face hub id, "
+                "or use sct.datasets.tiny_c2s()."
+            )
+        # a hub id: from the local cache when it is there, else only when the hub answers (the
+        # hub client would otherwise spend ~23 s on retries before failing offline)
+        offline = False if is_local else hub_offline(source)
+        hub = {} if is_local else {"cache_dir": hub_cache(), "local_files_only": offline}
         try:
             with quiet_transformers():
                 hf = AutoModelForCausalLM.from_pretrained(
-                    str(local) if is_local else source, trust_remote_code=False, dtype=dtype
+                    str(local) if is_local else source,
+                    trust_remote_code=False,
+                    dtype=dtype,
+                    **hub,
                 )
                 if tokenizer is None:
                     tokenizer = AutoTokenizer.from_pretrained(
-                        str(local) if is_local else source, trust_remote_code=False
+                        str(local) if is_local else source,
+                        trust_remote_code=False,
+                        **hub,
                     )
         except OSError as err:
             if is_local:
@@ -400,12 +485,10 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if settings is None:
         settings = PromptSettings.from_dict(recorded.get("prompt", {}))
-    elif isinstance(settings, dict):
-        settings = PromptSettings.from_dict(settings)
     hf.eval()
     hf.requires_grad_(False)
-    if device is not None:
-        hf.to(device)
+    if device is not None or to_dtype is not None:
+        hf.to(device=device, dtype=to_dtype)
     mlp_modules(hf)  # fail early on an unsupported layout
     return C2SModel(
         model=hf,
@@ -415,3 +498,34 @@ def load_model(
         labels=list(recorded.get("labels", [])),
         info=dict(recorded.get("info", {})),
     )
+
+
+def _check_settings(settings: object) -> PromptSettings | None:
+    """``settings`` of :func:`load_model` as :class:`PromptSettings` (``None`` stays ``None``)."""
+    if settings is None or isinstance(settings, PromptSettings):
+        return settings
+    if not isinstance(settings, dict):
+        raise TypeError(
+            "settings must be a PromptSettings or a dict of its fields, got "
+            f"{type(settings).__name__}."
+        )
+    known = [f.name for f in fields(PromptSettings)]
+    unknown = sorted(set(settings) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"Unknown prompt setting(s) {unknown}: PromptSettings has {known}.")
+    return PromptSettings.from_dict(settings)
+
+
+def _check_dtype(dtype: object) -> torch.dtype | str | None:
+    """``dtype`` of :func:`load_model` as a floating-point torch dtype (``"auto"`` is kept)."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return dtype
+    value = dtype
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating-point torch dtype such as torch.float16, 'bfloat16' or "
+            f"'float32', got {dtype!r}."
+        )
+    return value

@@ -22,18 +22,33 @@ def prompt_batches(
     batch_size: int,
     seed: int | None,
     repeat: bool,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Tokenised prompts ``(input_ids, attention_mask)`` of ``cells``, ``batch_size`` at a time.
 
     With ``seed``, the cells are shuffled every epoch; with ``repeat``, epochs never end (the
-    stream training draws from).
+    stream training draws from). ``start`` skips that many batches: the stream continues where
+    one that yielded ``start`` batches stopped (what a resumed training run needs); skipping
+    draws the skipped epochs' permutations and tokenises nothing.
     """
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}.")
+    per_epoch = -(-len(cells) // batch_size)
+    if per_epoch == 0:
+        return
+    epochs, skip = divmod(start, per_epoch)
+    if epochs and not repeat:
+        return
     rng = np.random.default_rng(seed)
+    if seed is not None:
+        for _ in range(epochs):  # the generator's state after the skipped epochs
+            rng.permutation(cells)
     while True:
         order = rng.permutation(cells) if seed is not None else cells
-        for start in range(0, len(order), batch_size):
-            batch = model.tokenize([sentences[i] for i in order[start : start + batch_size]])
+        for first in range(skip * batch_size, len(order), batch_size):
+            batch = model.tokenize([sentences[i] for i in order[first : first + batch_size]])
             yield batch.input_ids, batch.attention_mask
+        skip = 0
         if not repeat:
             return
 

@@ -75,7 +75,7 @@ def rank_genes(
     Parameters
     ----------
     X
-        Non-negative expression, cells x genes (dense or CSR).
+        Non-negative expression, cells x genes (dense or sparse; any real or boolean dtype).
     gene_names
         Symbols for the columns of ``X``.
     n_genes
@@ -93,6 +93,8 @@ def rank_genes(
     n_rows = X.shape[0]
     if row_ids is None:
         row_ids = np.arange(n_rows)
+    if not sparse.issparse(X) and np.asarray(X).dtype == np.float16:
+        X = np.asarray(X, dtype=np.float32)  # scipy.sparse has no float16; exact in float32
     csr = sparse.csr_matrix(X) if not sparse.issparse(X) else X.tocsr()
     if not csr.has_canonical_format:
         # The tie-break permutes stored entries: sort them by column (and merge duplicates) so
@@ -105,7 +107,8 @@ def rank_genes(
         values = np.asarray(csr.data[start:stop])
         cols = np.asarray(csr.indices[start:stop])
         keep = values > 0
-        values, cols = values[keep], cols[keep]
+        # as float64: `-` is not defined for booleans (and wraps around for unsigned integers)
+        values, cols = values[keep].astype(np.float64), cols[keep]
         rng = np.random.default_rng([seed, int(row_ids[i])])
         tiebreak = rng.permutation(values.size)
         # lexsort sorts by the last key first: descending value, then the random tie-break.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,6 +14,8 @@ from .attribution import Target
 
 if TYPE_CHECKING:
     from .model import C2SModel
+
+logger = logging.getLogger(__name__)
 
 
 def label_tokens(model: C2SModel, label: str) -> list[int]:
@@ -25,6 +29,29 @@ def label_tokens(model: C2SModel, label: str) -> list[int]:
             + (f" (it knows: {model.labels})." if model.labels else ".")
         )
     return ids
+
+
+def check_label(model: C2SModel, label: str, label_token: str) -> None:
+    """Refuse (``"distinct"``) or warn about (``"first"``) a label the model is not known to
+    answer; nothing is checked when the model records no labels.
+    """
+    if not isinstance(label, str):
+        raise TypeError(f"target must be a label or a feature name (a str), got {label!r}.")
+    if not model.labels or label in model.labels:
+        return
+    close = difflib.get_close_matches(label, model.labels, n=3, cutoff=0.5)
+    hint = f"did you mean {close}? " if close else ""
+    if label_token == "distinct":
+        raise ValueError(
+            f"{label!r} is not a label the model answers ({model.labels}): {hint}Pass one of "
+            "them, or label_token='first' to trace the first token of another label anyway."
+        )
+    logger.warning(
+        "%r is not a label the model answers (%s); %stracing the first token of its answer",
+        label,
+        model.labels,
+        hint,
+    )
 
 
 def resolve_target(
@@ -49,6 +76,8 @@ def resolve_target(
         layer, feature = parse_feature_name(target)
         info = {"kind": "feature", "label": "", "layer": layer, "feature": feature}
         return Target(kind="feature", layer=layer, feature=feature), [], info
+    if target is not None:
+        check_label(model, target, label_token)
     predicted = model.predict([genes])[0]
     label = predicted if target is None else target
     ids = label_tokens(model, label)

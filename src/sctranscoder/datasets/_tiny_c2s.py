@@ -26,7 +26,8 @@ def tiny_c2s(*, device: str | None = None) -> C2SModel:
     Parameters
     ----------
     device
-        Where to put the model (default CPU).
+        Where to put the model: one of this machine's devices (``"cpu"``, ``"cuda:0"``,
+        ``"mps"``; others are refused, naming those available). Default: CPU.
 
     Returns
     -------

@@ -10,6 +10,7 @@ from scipy import sparse
 
 from .._constants import Key, feature_names
 from .._records import activations_record, obsm_activations
+from .._validate import check_layer
 from ._features import gene_tables
 
 if TYPE_CHECKING:
@@ -39,8 +40,9 @@ def activations(adata: AnnData, layer: int, *, activations_key: str = _DEFAULT) 
     """
     import anndata as ad
 
+    layer = check_layer(layer)
     rec = activations_record(adata, activations_key)
-    name = Key.layer(int(layer))
+    name = Key.layer(layer)
     if name not in rec["obsm_keys"]:
         available = sorted(Key.parse_layer(k) for k in rec["obsm_keys"])
         raise KeyError(f"No activations for layer {layer}; available layers: {available}.")
@@ -104,8 +106,9 @@ def gene_activations(adata: AnnData, layer: int, *, activations_key: str = _DEFA
     """
     import anndata as ad
 
+    layer = check_layer(layer)
     rec = activations_record(adata, activations_key)
-    genes, n_cells, counts, sums = gene_tables(rec, int(layer), activations_key)
+    genes, n_cells, counts, sums = gene_tables(rec, layer, activations_key)
     inv = np.divide(1.0, n_cells, out=np.zeros(len(n_cells)), where=n_cells > 0)
     mean = sparse.csr_matrix(sparse.diags(inv.astype(np.float32)) @ sums.tocsr(), dtype=np.float32)
     mean.eliminate_zeros()

@@ -10,6 +10,7 @@ from scipy import sparse
 
 from .._constants import Key, feature_names
 from .._records import activations_record, record, strings
+from .._validate import check_finite, check_layer, check_positive_int
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -91,9 +92,10 @@ def feature_table(
         ``adata.uns`` key of an :func:`sctranscoder.tl.annotate_features` record whose columns
         are joined; default: its default key, when present.
     live_threshold
-        log10 firing rate from which a feature is live (default: the recorded one).
+        log10 firing rate from which a feature is live, a finite number ``<= 0`` (default: the
+        recorded one).
     n_top
-        Genes listed per feature (default: the recorded ``n_top``).
+        Genes listed per feature, a positive integer (default: the recorded ``n_top``).
 
     Returns
     -------
@@ -104,8 +106,15 @@ def feature_table(
     count then mean activation); after annotation, the ``ora_*`` and ``gsea_*`` columns of
     :func:`sctranscoder.tl.annotate_features`.
     """
+    layer = check_layer(layer)
+    if n_top is not None:
+        n_top = check_positive_int(n_top, "n_top")
+    if live_threshold is not None and check_finite(live_threshold, "live_threshold") > 0:
+        raise ValueError(
+            f"live_threshold is a log10 firing rate, at most 0 (e.g. -5), got {live_threshold!r}."
+        )
     rec = activations_record(adata, activations_key)
-    name = Key.layer(int(layer))
+    name = Key.layer(layer)
     if name not in rec["firing_rate"]:
         available = sorted(Key.parse_layer(k) for k in rec["firing_rate"])
         raise KeyError(f"No activations for layer {layer}; available layers: {available}.")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .._constants import Key
-from .._records import record
+from .._records import record, record_kind
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -48,6 +48,12 @@ def interpretability(
     random = adata.uns.get(key)
     if random_model_key is not None and not isinstance(random, dict):
         record(adata, key, kind="random-model baseline", hint="run sct.tl.random_model_baseline.")
+    kind = record_kind(random) or "no sctranscoder record"
+    if random_model_key is not None and kind != "random model baseline":
+        raise ValueError(
+            f"adata.uns[{key!r}] is not a random-model baseline (it holds: {kind}): pass the "
+            "key_added of `sct.tl.random_model_baseline`, or None for its default key."
+        )
     if isinstance(random, dict) and "summary" in random:
         theirs = pd.DataFrame(random["summary"]).set_index("layer")
         theirs = theirs.drop(columns=[c for c in theirs if c.endswith("seconds")])

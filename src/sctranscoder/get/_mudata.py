@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._constants import Key
-from .._records import activation_layers, activations_record
+from .._records import activation_layers, activations_record, check_key
+from .._validate import check_layer_list
 from ._activations import activations
 
 if TYPE_CHECKING:
@@ -34,17 +35,30 @@ def mudata(
     adata
         Annotated data after :func:`sctranscoder.tl.feature_activations`.
     layers
-        Layers to include (default: every layer with activations).
+        Layers to include (layer numbers; default: every layer with activations). An empty list
+        is refused.
     activations_key
         ``adata.uns`` key of the activation record.
     modality
-        Name of the expression modality.
+        Name of the expression modality: a name the ``.h5mu`` file can store, not that of a
+        feature modality (``"L<layer>"``).
     """
     from mudata import MuData
 
+    check_key(modality, "modality")
     rec = activations_record(adata, activations_key)
+    if layers is not None:
+        available = sorted(Key.parse_layer(k) for k in rec["obsm_keys"])
+        layers = check_layer_list(layers, available)
+    layers = activation_layers(rec, layers, activations_key)
+    taken = [Key.feature_modality(layer) for layer in layers]
+    if modality in taken:
+        raise ValueError(
+            f"modality={modality!r} is the name of a feature modality (layers are {taken}): "
+            "choose another name for the expression, such as 'rna'."
+        )
     mods = {modality: adata}
-    for layer in activation_layers(rec, layers, activations_key):
+    for layer in layers:
         mods[Key.feature_modality(layer)] = activations(
             adata, layer, activations_key=activations_key
         )

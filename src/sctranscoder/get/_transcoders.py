@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .._constants import Key
-from .._records import transcoder_record, transcoder_set
+from .._records import _recorded_layers, transcoder_record, transcoder_set
+from .._validate import check_device, check_layer_list
 
 if TYPE_CHECKING:
     import torch
@@ -36,11 +37,14 @@ def transcoders(
     key
         ``adata.uns`` key of the transcoders.
     layers
-        Only these layers (default: all).
+        Only these layers (layer numbers; default: all). An empty list is refused.
     device
-        Where to put them (default: CPU).
+        Where to put them: one of this machine's devices (``"cpu"``, ``"cuda:0"``, ``"mps"``;
+        others are refused, naming those available). Default: CPU.
     """
-    return transcoder_set(adata, key, layers=layers, device=device)
+    if layers is not None:
+        layers = check_layer_list(layers, _recorded_layers(transcoder_record(adata, key)))
+    return transcoder_set(adata, key, layers=layers, device=check_device(device))
 
 
 def metrics(adata: AnnData, *, key: str = Key.transcoders) -> tuple[pd.DataFrame, dict[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -10,7 +11,8 @@ import pandas as pd
 
 from .._constants import NodeType, feature_name
 from .._records import circuit_record
-from ._utils import finish
+from .._validate import check_positive_int
+from ._utils import check_ax, check_figsize, check_save, finish
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -72,8 +74,8 @@ def circuit(
     title
         Title (default: the cell, the target and the replacement/completeness scores).
     label_features
-        Label the most influential features ``"L<layer>F<id>"``: ``True`` for the top 10, an
-        integer for that many, ``False`` for none.
+        Label the most influential features ``"L<layer>F<id>"``: ``True`` for the top 10, a
+        non-negative integer for that many, ``False`` (or 0) for none.
     figsize
         Size of the new figure (default: grows with the number of columns and layers).
     ax
@@ -82,7 +84,9 @@ def circuit(
         Show the plot (default: ``scanpy.settings.autoshow``).
     save
         ``True`` or a file-name suffix: save to ``sc.settings.figdir`` as scanpy does
-        (``<key><suffix>.<format>``).
+        (``<key><suffix>.<format>``; an extension matplotlib writes, such as ``.png``, ``.svg``
+        or ``.jpg``, sets the format). A path is refused: use ``return_fig=True`` and
+        ``fig.savefig(path)``.
     return_fig
         Return the figure.
 
@@ -92,12 +96,30 @@ def circuit(
     """
     import matplotlib.pyplot as plt
 
+    max_nodes = check_positive_int(max_nodes, "max_nodes")
+    if isinstance(label_features, bool):
+        n_labels = 10 if label_features else 0
+    elif isinstance(label_features, numbers.Integral) and label_features >= 0:
+        n_labels = int(label_features)
+    else:
+        raise ValueError(
+            "label_features takes True (the top 10), False, or how many features to label "
+            f"(a non-negative integer), got {label_features!r}."
+        )
+    real = isinstance(min_edge_weight_fraction, numbers.Real)
+    if (
+        isinstance(min_edge_weight_fraction, bool)
+        or not real
+        or not 0 <= min_edge_weight_fraction <= 1
+    ):
+        raise ValueError(
+            f"min_edge_weight_fraction must be in [0, 1], got {min_edge_weight_fraction!r}."
+        )
+    check_figsize(figsize)
+    check_ax(ax)
+    check_save(save)
     name, record = circuit_record(adata, circuit)
     nodes, edges = _drawn(record["nodes"], record["edges"], max_nodes)
-    if not 0 <= min_edge_weight_fraction <= 1:
-        raise ValueError(
-            f"min_edge_weight_fraction must be in [0, 1], got {min_edge_weight_fraction}."
-        )
     if len(edges):
         w = edges["weight"].abs()
         edges = edges[w >= min_edge_weight_fraction * w.max()]
@@ -152,7 +174,6 @@ def circuit(
         )
         pc.set_gid(f"circuit-nodes-{kind}")
 
-    n_labels = 10 if label_features is True else int(label_features)
     if n_labels > 0:
         _label_features(ax, nodes, layout, n_labels, ppu_x, ppu_y, math.sqrt(s_max))
 
@@ -200,6 +221,9 @@ def circuit_genes(
     """
     import matplotlib.pyplot as plt
 
+    check_positive_int(n_top, "n_top")
+    check_ax(ax)
+    check_save(save)
     name, record = circuit_record(adata, circuit)
     genes = record["genes"].sort_values("influence", ascending=False).head(n_top)
     if ax is None:
@@ -515,6 +539,8 @@ def circuit_heads(
 
     if value not in ("attribution", "fraction"):
         raise ValueError(f"value must be 'attribution' or 'fraction', got {value!r}.")
+    check_ax(ax)
+    check_save(save)
     name, record = circuit_record(adata, circuit)
     heads = record.get("heads")
     if heads is None:

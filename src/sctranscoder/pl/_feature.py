@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import Key, parse_feature_name
+from .._validate import check_feature, check_positive_int
 from ..get import activations as get_activations
 from ..get import feature_table
-from ._utils import finish
+from ._utils import check_figsize, check_save, finish
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -22,7 +23,7 @@ def feature(
     *,
     n_top: int = 15,
     n_top_cells: int = 10,
-    basis: str = "umap",
+    basis: str | None = "umap",
     groupby: str | None = None,
     activations_key: str = Key.activations(Key.transcoders),
     annotation_key: str | None = None,
@@ -52,7 +53,8 @@ def feature(
     n_top_cells
         Number of top activating cells listed.
     basis
-        Embedding in ``adata.obsm[f"X_{basis}"]`` for the overlay.
+        Embedding in ``adata.obsm[f"X_{basis}"]`` (or ``adata.obsm[basis]``) for the overlay; it
+        must exist. ``None`` leaves the embedding panel empty.
     groupby
         ``adata.obs`` column (e.g. ``"bulk_labels"``) whose value labels each top cell.
     activations_key
@@ -65,7 +67,8 @@ def feature(
         Show the figure (default: ``scanpy.settings.autoshow``).
     save
         ``True`` or a file-name suffix: save to ``sc.settings.figdir`` as scanpy does
-        (``feature_<name><suffix>.<format>``).
+        (``feature_<name><suffix>.<format>``; an extension matplotlib writes, such as ``.png``
+        or ``.jpg``, sets the format).
     return_fig
         Return the figure.
 
@@ -76,12 +79,20 @@ def feature(
     """
     import matplotlib.pyplot as plt
 
+    check_positive_int(n_top, "n_top")
+    check_positive_int(n_top_cells, "n_top_cells")
+    check_figsize(figsize)
+    check_save(save)
+    if basis is not None and f"X_{basis}" not in adata.obsm and basis not in adata.obsm:
+        raise KeyError(
+            f"No embedding {basis!r} in adata.obsm; compute it (e.g. sc.tl.umap) first, or pass "
+            "basis=None to leave the card's embedding panel empty."
+        )
     layer, j = parse_feature_name(feature)
     table = feature_table(
         adata, layer, activations_key=activations_key, annotation_key=annotation_key, n_top=n_top
     )
-    if not 0 <= j < len(table):
-        raise IndexError(f"{feature}: layer {layer} has features 0..{len(table) - 1}.")
+    check_feature(layer, j, {layer: len(table)}, key=activations_key)
     name = feature
     row = table.iloc[j]
     if groupby is not None and groupby not in adata.obs:
@@ -147,10 +158,10 @@ def _top_genes(ax, row, n_top: int) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
-def _embedding(ax, fa, name: str, basis: str) -> None:
+def _embedding(ax, fa, name: str, basis: str | None) -> None:
     import scanpy as sc
 
-    if f"X_{basis}" in fa.obsm or basis in fa.obsm:
+    if basis is not None:
         sc.pl.embedding(
             fa,
             basis,
@@ -167,9 +178,7 @@ def _embedding(ax, fa, name: str, basis: str) -> None:
         return
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.text(
-        0.5, 0.5, f"no adata.obsm['X_{basis}']", ha="center", va="center", transform=ax.transAxes
-    )
+    ax.text(0.5, 0.5, "no embedding (basis=None)", ha="center", va="center", transform=ax.transAxes)
 
 
 def _top_cells(ax, adata, acts: np.ndarray, n_top_cells: int, groupby: str | None) -> None:

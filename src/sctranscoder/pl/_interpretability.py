@@ -9,7 +9,7 @@ import numpy as np
 from .._constants import Key
 from .._records import record
 from ..get import interpretability as get_interpretability
-from ._utils import finish
+from ._utils import check_ax, check_save, finish
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -61,7 +61,8 @@ def interpretability(
         Show the figure (default: ``scanpy.settings.autoshow``).
     save
         ``True`` or a file-name suffix: save to ``sc.settings.figdir`` as scanpy does
-        (``interpretability<suffix>.<format>``).
+        (``interpretability<suffix>.<format>``; an extension matplotlib writes, such as ``.png``
+        or ``.jpg``, sets the format).
     return_fig
         Return the figure.
 
@@ -71,6 +72,10 @@ def interpretability(
     """
     import matplotlib.pyplot as plt
 
+    if method not in (None, "ora", "gsea", "prerank"):
+        raise ValueError(f"method must be 'ora', 'gsea' or 'prerank' (or None), got {method!r}.")
+    check_ax(ax)
+    check_save(save)
     table = get_interpretability(
         adata, annotation_key=annotation_key, random_model_key=random_model_key
     )

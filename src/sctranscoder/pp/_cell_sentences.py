@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from typing import TYPE_CHECKING, Literal
@@ -13,7 +14,7 @@ from scipy import sparse
 
 from .._constants import Key
 from .._records import check_key
-from .._validate import check_copy_backed, check_positive_int
+from .._validate import check_bool, check_copy_backed, check_positive_int, check_unique_symbols
 from ..core.sentences import PromptSettings, cell_ids, rank_genes
 
 if TYPE_CHECKING:
@@ -80,9 +81,12 @@ def cell_sentences(
         Column of ``adata.var`` (``adata.raw.var`` when reading ``.raw``) with the gene symbols.
         Default: the var names. Ensembl ids are refused: C2S models read gene symbols.
     organism
-        Organism named in the prompt. Overrides the model's setting.
+        The organism of the cells, named in their prompts (C2S models were trained on human and
+        mouse cells: ``"Homo sapiens"``, ``"Mus musculus"``). Overrides the model's setting, and
+        is recorded with the sentences: every tool that builds prompts from them names this
+        organism (see :func:`sctranscoder.tl.train_transcoders`).
     seed
-        Seed of the shuffle that orders genes of equal expression.
+        Seed of the shuffle that orders genes of equal expression (a non-negative integer).
     chunk_size
         Cells read and ranked at a time from a backed (or otherwise lazy) matrix, and ranked at a
         time from an in-memory one (default: 10,000). Sentences do not depend on it.
@@ -110,7 +114,9 @@ def cell_sentences(
     ------
     ValueError
         If the matrix has negative (scaled) or non-finite values, if the gene names look like
-        Ensembl ids, or if a cell has no expressed gene. Nothing is written in that case.
+        Ensembl ids, if a gene symbol occurs more than once (after upper-casing: a sentence would
+        name that gene twice), or if a cell has no expressed gene. Nothing is written in that
+        case.
     KeyError
         If ``layer`` or the ``gene_symbols`` column does not exist.
 
@@ -126,8 +132,21 @@ def cell_sentences(
     n_genes = settings.n_genes if n_genes is None else n_genes
     organism = settings.organism if organism is None else organism
     n_genes = check_positive_int(n_genes, "n_genes")
+    if not isinstance(organism, str) or not organism.strip():
+        raise ValueError(
+            f"organism must be a non-empty string such as 'Mus musculus', got {organism!r}."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     chunk_size = check_positive_int(_CHUNK_ROWS if chunk_size is None else chunk_size, "chunk_size")
-    check_key(key_added, adata=adata, kind="cell sentences")
+    check_key(
+        key_added,
+        adata=adata,
+        kind="cell sentences",
+        obs_columns=[key_added, Key.sentence_n_genes(key_added)],
+    )
+    use_raw = check_bool(use_raw, "use_raw", none=True)
+    copy = check_bool(copy, "copy")
     check_copy_backed(adata, copy)
 
     if adata.n_obs == 0:
@@ -139,7 +158,7 @@ def cell_sentences(
     symbols = _gene_symbols(var, gene_symbols, var_where)
     start = logg.info(
         f"computing cell sentences from {_describe(source)} ({data_kind} values), "
-        f"{n_genes} genes per sentence"
+        f"{n_genes} genes per sentence, for {organism} cells"
     )
     sentences, lengths = _rank(
         X,
@@ -349,6 +368,19 @@ def _gene_symbols(var: pd.DataFrame, gene_symbols: str | None, where: str) -> np
             f"{len(bad)} {described} are empty or contain whitespace (e.g. {bad[:3]}); genes in "
             "a cell sentence are separated by spaces, so symbols cannot contain any."
         )
+    index = f"{where}_names" if gene_symbols is None else f"{where}[{gene_symbols!r}]"
+    keep = f"~{index}.str.upper().duplicated()" + ("" if gene_symbols is None else ".to_numpy()")
+    subset = (
+        f"adata.raw = adata.raw.to_adata()[:, {keep}]"
+        if where == "adata.raw.var"
+        else f"adata = adata[:, {keep}].copy()"
+    )
+    check_unique_symbols(
+        symbols,
+        described=f"{described} (upper-cased)",
+        fix=f"Keep one row per symbol before building sentences, e.g. the first: `{subset}`, or "
+        "sum the rows of each symbol into one.",
+    )
     return symbols
 
 

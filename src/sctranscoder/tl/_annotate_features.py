@@ -13,6 +13,7 @@ from scipy import sparse
 
 from .._constants import Key, feature_names
 from .._genesets import (
+    MARKERS_PREFIX,
     clean_genes,
     clean_symbol,
     gene_sets_in_background,
@@ -22,7 +23,17 @@ from .._genesets import (
 from .._gsea import prerank_many
 from .._ora import best_terms, ora_many
 from .._records import activation_layers, activations_record, check_key, strings
-from .._validate import check_copy_backed, check_fraction, check_positive_int
+from .._validate import (
+    check_bool,
+    check_copy_backed,
+    check_fraction,
+    check_in_memory,
+    check_layer_list,
+    check_live_threshold,
+    check_positive_int,
+    check_seed,
+    check_set_sizes,
+)
 from ..get._features import gene_tables, live_mask, top_genes
 
 if TYPE_CHECKING:
@@ -105,7 +116,9 @@ def annotate_features(
         Annotated data after :func:`feature_activations` (with its gene tables).
     gene_sets
         Anything :func:`~sctranscoder._genesets.gene_sets` takes: a dict, a GMT path, a
-        decoupler net, ``"markers:<obs column>"`` or a library name.
+        decoupler net, ``"markers:<obs column>"`` or a library name. Markers are computed from
+        the expression matrix: not from a backed ``adata`` (call ``adata.to_memory()``, or pass
+        the sets themselves).
     layers
         Layers to annotate (default: all layers of the activation record).
     method
@@ -115,9 +128,11 @@ def annotate_features(
     fdr
         FDR threshold of ``ora_interpretable`` and ``gsea_interpretable``.
     live_threshold
-        log10 firing rate from which a feature is live; default: the activation record's.
+        log10 firing rate (finite, at most 0) from which a feature is live; default: the
+        activation record's.
     min_size, max_size
-        Gene set sizes kept, counted in the background.
+        Gene set sizes kept, counted in the background (integers, ``1 <= min_size <=
+        max_size``).
     baseline
         ``"shuffled"`` for the shuffled-gene-label baseline, or ``None``.
     n_shuffles
@@ -134,7 +149,7 @@ def annotate_features(
         no more features than shuffled gene labels (0.02-0.08 vs 0.03-0.05), weight 0 found
         0.14-0.55 (shuffled 0.03).
     seed
-        Seed of the label permutations and of the GSEA null.
+        Seed of the label permutations and of the GSEA null (a non-negative integer).
     allow_network
         Let a named library be downloaded (see :func:`~sctranscoder._genesets.gene_sets`).
     activations_key
@@ -167,11 +182,21 @@ def annotate_features(
         ``gene_sets_reloadable``: whether that name loads them again),
         ``activations_key``, ``n_sets`` (sets tested) and ``n_background`` (background genes).
     """
+    if isinstance(gene_sets, str) and gene_sets.startswith(MARKERS_PREFIX):
+        check_in_memory(
+            adata, f"gene_sets={gene_sets!r}", otherwise="pass gene sets as a dict or a GMT path"
+        )
     rec = activations_record(adata, activations_key)
+    if layers is not None:  # an empty list would annotate nothing
+        layers = check_layer_list(layers, [Key.parse_layer(k) for k in rec["obsm_keys"]])
     layers = activation_layers(rec, layers, activations_key)
     record_key = check_key(
-        key_added or Key.derived(activations_key, "annotation"), adata=adata, kind="annotation"
+        key_added if key_added is not None else Key.derived(activations_key, "annotation"),
+        adata=adata,
+        kind="annotation",
     )
+    copy = check_bool(copy, "copy")
+    allow_network = check_bool(allow_network, "allow_network")
     check_copy_backed(adata, copy)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -186,8 +211,10 @@ def annotate_features(
     check_fraction(fdr, "fdr")
     if not np.isfinite(gsea_weight) or gsea_weight < 0:
         raise ValueError(f"gsea_weight must be finite and >= 0, got {gsea_weight}.")
-    if live_threshold is not None and not np.isfinite(live_threshold):
-        raise ValueError(f"live_threshold must be finite, got {live_threshold}.")
+    if live_threshold is not None:
+        live_threshold = check_live_threshold(live_threshold)
+    seed = check_seed(seed)
+    min_size, max_size = check_set_sizes(min_size, max_size)
     sets, background = _sets_in_background(
         adata, rec, activations_key, gene_sets, min_size, max_size, allow_network
     )
@@ -219,6 +246,10 @@ def annotate_features(
         "gene_sets": source_name(gene_sets),
         "gene_sets_reloadable": is_reloadable(gene_sets),
         "activations_key": activations_key,
+        # the transcoders the activations came from: the annotation is stale without them
+        **{
+            k: rec["params"][k] for k in ("transcoders_key", "transcoders_id") if k in rec["params"]
+        },
         "layers": np.asarray(layers, dtype=np.int64),
         "method": str(method),
         "n_top": int(n_top),
@@ -257,8 +288,6 @@ def _sets_in_background(
     allow_network: bool,
 ) -> tuple[dict[str, list[str]], pd.Index]:
     """The gene sets cut to the background: every gene of the sentences (cleaned)."""
-    if min_size < 1 or max_size < min_size:
-        raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}.")
     if not rec.get("genes"):
         raise KeyError(
             f"adata.uns[{activations_key!r}] has no genes x features tables: rerun "

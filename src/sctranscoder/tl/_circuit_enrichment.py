@@ -9,10 +9,16 @@ import pandas as pd
 from scanpy import logging as logg
 
 from .._constants import Key
-from .._genesets import gene_sets_in_background, source_name
+from .._genesets import MARKERS_PREFIX, gene_sets_in_background, source_name
 from .._ora import ora
 from .._records import check_key, circuit_record, sentences
-from .._validate import check_copy_backed, check_positive_int
+from .._validate import (
+    check_bool,
+    check_copy_backed,
+    check_in_memory,
+    check_positive_int,
+    check_set_sizes,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -53,12 +59,13 @@ def circuit_enrichment(
         The circuit's key in ``adata.uns`` (or its cell's name).
     gene_sets
         A dict, a GMT path, a decoupler net, ``"markers:<obs column>"`` (top markers per group,
-        from this data) or a named library (offline from a cache or ``pyenrichr``; online only
-        with ``allow_network=True``).
+        from this data; not from a backed ``adata``) or a named library (offline from a cache
+        or ``pyenrichr``; online only with ``allow_network=True``).
     n_top
         Size of the query.
     min_size, max_size
-        Gene set sizes kept (within the background).
+        Gene set sizes kept (within the background; integers, ``1 <= min_size <=
+        max_size``).
     allow_network
         Allow downloading a named library.
     key_added
@@ -80,9 +87,18 @@ def circuit_enrichment(
     """
     name, rec = circuit_record(adata, circuit)
     check_positive_int(n_top, "n_top")
+    min_size, max_size = check_set_sizes(min_size, max_size)
+    allow_network = check_bool(allow_network, "allow_network")
+    copy = check_bool(copy, "copy")
+    if isinstance(gene_sets, str) and gene_sets.startswith(MARKERS_PREFIX):
+        check_in_memory(
+            adata, f"gene_sets={gene_sets!r}", otherwise="pass gene sets as a dict or a GMT path"
+        )
     check_copy_backed(adata, copy)
     record_key = check_key(
-        key_added or Key.circuit_enrichment(name), adata=adata, kind="circuit enrichment"
+        key_added if key_added is not None else Key.circuit_enrichment(name),
+        adata=adata,
+        kind="circuit enrichment",
     )
     result = enrich_circuit(
         adata,

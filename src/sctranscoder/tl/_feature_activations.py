@@ -9,13 +9,22 @@ from scanpy import logging as logg
 
 from .._constants import Key
 from .._records import (
+    cell_prompts,
     check_key,
+    layer_configs,
     model_and_transcoders,
     recorded_sentence_key,
-    sentences,
     transcoder_record,
+    transcoders_id,
 )
-from .._validate import check_copy_backed, check_positive_int
+from .._validate import (
+    check_bool,
+    check_copy_backed,
+    check_layer_list,
+    check_live_threshold,
+    check_positive_int,
+    check_sentences_unique,
+)
 from ..core.activations import AGGREGATES, collect_activations
 
 if TYPE_CHECKING:
@@ -73,8 +82,8 @@ def feature_activations(
     genes
         Also gather the genes x features tables (needed by :func:`annotate_features`).
     live_threshold
-        A feature is *live* when ``log10(firing_rate) >= live_threshold`` (Hosokawa et al.: -3);
-        stored as the default of :func:`sctranscoder.get.feature_table`.
+        A feature is *live* when ``log10(firing_rate) >= live_threshold`` (Hosokawa et al.: -3;
+        a finite number, at most 0); stored as the default of :func:`sctranscoder.get.feature_table`.
     n_top
         Genes listed per feature by :func:`sctranscoder.get.feature_table` (stored default).
     batch_size
@@ -118,8 +127,10 @@ def feature_activations(
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
     check_positive_int(batch_size, "batch_size")
     check_positive_int(n_top, "n_top")
-    if not np.isfinite(live_threshold):
-        raise ValueError(f"live_threshold must be a finite log10 rate, got {live_threshold}.")
+    live_threshold = check_live_threshold(live_threshold)
+    genes = check_bool(genes, "genes")
+    progress = check_bool(progress, "progress")
+    copy = check_bool(copy, "copy")
     check_copy_backed(adata, copy)
     record_key = check_key(
         key_added if key_added is not None else Key.activations(key),
@@ -129,9 +140,13 @@ def feature_activations(
     # the default record writes X_<key>_L<i>; any other name, X_<key_added>_L<i>
     prefix = key if record_key == Key.activations(key) else record_key
     rec = transcoder_record(adata, key)
+    if layers is not None:  # an empty list would compute nothing
+        layers = check_layer_list(layers, sorted(layer_configs(rec, key)))
     sentence_key = sentence_key or recorded_sentence_key(rec)
     model, tset = model_and_transcoders(adata, key, model, layers=layers)
-    cells = sentences(adata, sentence_key, n_genes=model.settings.n_genes)
+    cells, model = cell_prompts(adata, sentence_key, model, trained=rec["model"])
+    if genes:  # a gene named twice in a sentence would count its cell twice
+        check_sentences_unique(cells, adata.obs_names, sentence_key)
 
     start = logg.info(f"computing feature activations of layers {tset.layers}")
     tables = collect_activations(
@@ -147,6 +162,7 @@ def feature_activations(
     out = {
         "params": {
             "transcoders_key": key,
+            "transcoders_id": transcoders_id(adata, key),
             "layers": np.asarray(tset.layers, dtype=np.int64),
             "aggregate": aggregate,
             "sentence_key": sentence_key,

@@ -9,8 +9,8 @@ import pandas as pd
 from scanpy import logging as logg
 
 from .._constants import Key, feature_name, parse_feature_name
-from .._records import check_key, model_and_transcoders
-from .._validate import check_copy_backed, check_positive_int
+from .._records import check_key, model_and_transcoders, transcoders_id
+from .._validate import check_bool, check_copy_backed, check_feature, check_positive_int
 from ..core.architectures import architecture
 from ..core.connections import partners
 
@@ -52,7 +52,7 @@ def feature_connections(
     adata
         Annotated data with transcoders.
     features
-        Feature names ``"L<layer>F<id>"``.
+        Feature names ``"L<layer>F<id>"``: one (a str) or a list.
     model
         The base model, for its norm weights (default: the one recorded with the transcoders).
     n_top
@@ -62,7 +62,8 @@ def feature_connections(
     key
         ``adata.uns`` key of the transcoders.
     key_added
-        ``adata.uns`` key of the result.
+        ``adata.uns`` key of the result. A result already there is replaced, with a warning that
+        names its features.
     copy
         Return a copy instead of writing to ``adata``.
 
@@ -79,22 +80,26 @@ def feature_connections(
         ``features``, ``n_top``, ``transcoders_key``, ``model_fingerprint`` and ``norms`` (how the
         norms are treated).
     """
-    features = [features] if isinstance(features, str) else list(features)
+    if isinstance(features, str):
+        features = [features]
+    elif isinstance(features, list | tuple | np.ndarray | pd.Index | pd.Series):
+        features = list(features)
+    else:
+        raise TypeError(
+            f"features takes feature names such as 'L2F17' (one, or a list), got {features!r}."
+        )
     if not features:
         raise ValueError("Pass at least one feature name such as 'L2F17'.")
+    copy = check_bool(copy, "copy")
     queries = [parse_feature_name(f) for f in features]
     check_positive_int(n_top, "n_top")
     check_positive_int(chunk_size, "chunk_size")
     check_copy_backed(adata, copy)
     key_added = check_key(key_added, adata=adata, kind="feature connections")
     model, tset = model_and_transcoders(adata, key, model)
-    missing = sorted({layer for layer, _ in queries} - set(tset.layers))
-    if missing:
-        raise ValueError(f"No transcoders for layer(s) {missing} under adata.uns[{key!r}].")
-    for name, (layer, j) in zip(features, queries, strict=True):
-        width = tset[layer].config.n_features
-        if j >= width:
-            raise ValueError(f"{name}: layer {layer} has features 0..{width - 1}.")
+    widths = {la: tset[la].config.n_features for la in tset.layers}
+    for layer, j in queries:
+        check_feature(layer, j, widths, key=key)
     start = logg.info(f"connecting {len(features)} feature(s) across {len(tset.layers)} layers")
     arch = architecture(model.model)
     found = partners(
@@ -129,12 +134,20 @@ def feature_connections(
             "features": list(features),
             "n_top": int(n_top),
             "transcoders_key": key,
+            "transcoders_id": transcoders_id(adata, key),
             "model_fingerprint": model.fingerprint,
             "norms": "reading norm's weight (and mean removal for LayerNorm); 1/rms scale set to 1",
         },
     }
     if copy:
         adata = adata.copy()
+    old = adata.uns.get(key_added)
+    if isinstance(old, dict) and "connections" in old:  # the default key is one for all features
+        logg.warning(
+            f"replaced adata.uns[{key_added!r}], the connections of "
+            f"{list(map(str, old.get('params', {}).get('features', [])))}: pass key_added= to "
+            "keep both"
+        )
     adata.uns[key_added] = result
     logg.info(
         "    finished",

@@ -15,17 +15,25 @@ from .._genesets import gene_sets as load_gene_sets
 from .._gsea import prerank
 from .._records import (
     activations_record,
+    cell_prompts,
     check_key,
     check_same_transcoders,
     layer_configs,
     model_and_transcoders,
     obsm_activations,
     recorded_sentence_key,
-    sentences,
     strings,
     transcoder_record,
+    transcoders_id,
 )
-from .._validate import check_copy_backed, check_positive_int
+from .._validate import (
+    check_bool,
+    check_copy_backed,
+    check_feature,
+    check_positive_int,
+    check_seed,
+    check_unique_obs_names,
+)
 from ..core.counterfactual import MODES, Mode, counterfactual_effects
 
 if TYPE_CHECKING:
@@ -81,7 +89,7 @@ def gene_attribution(
     feature
         The feature, by name: ``"L<layer>F<index>"`` (e.g. ``"L2F17"``).
     cells
-        ``adata.obs_names`` of the cells to explain. Default: the ``n_cells`` cells with the
+        ``adata.obs_names`` of the cells to explain, each once. Default: the ``n_cells`` cells with the
         largest stored activation among those where the feature fires. Chosen cells where the
         feature does not fire (recomputed) are skipped.
     n_cells
@@ -103,7 +111,7 @@ def gene_attribution(
     permutations
         GSEA permutations.
     seed
-        GSEA seed.
+        GSEA seed (a non-negative integer).
     allow_network
         Let a named gene set library be downloaded.
     key
@@ -147,9 +155,16 @@ def gene_attribution(
         raise ValueError(f"aggregate must be 'max' or 'last', got {aggregate!r}.")
     check_positive_int(batch_size, "batch_size")
     check_positive_int(permutations, "permutations")
+    seed = check_seed(seed)
+    keep_n_genes = check_bool(keep_n_genes, "keep_n_genes")
+    allow_network = check_bool(allow_network, "allow_network")
+    progress = check_bool(progress, "progress")
+    copy = check_bool(copy, "copy")
     check_copy_backed(adata, copy)
     record_key = check_key(
-        key_added or Key.gene_attribution(feature), adata=adata, kind="gene attribution"
+        key_added if key_added is not None else Key.gene_attribution(feature),
+        adata=adata,
+        kind="gene attribution",
     )
     activations_key = activations_key or Key.activations(key)
     rec = transcoder_record(adata, key)
@@ -159,17 +174,13 @@ def gene_attribution(
     if gene_sets is not None:  # resolved first: nothing is computed if they cannot be had
         sets = load_gene_sets(gene_sets, adata=adata, allow_network=allow_network)
     configs = layer_configs(rec, key)
-    if layer not in configs:
-        raise KeyError(
-            f"No transcoder for layer {layer} in adata.uns[{key!r}]; layers: {sorted(configs)}."
-        )
-    n_features = configs[layer].n_features
-    if not 0 <= index < n_features:
-        raise ValueError(f"{feature}: layer {layer} has features 0..{n_features - 1}.")
+    check_feature(layer, index, {la: c.n_features for la, c in configs.items()}, key=key)
     chosen = _chosen_cells(adata, cells, n_cells, layer, index, activations_key)
     model, tset = model_and_transcoders(adata, key, model, layers=[layer])
     tc = tset[layer]
-    all_sentences = sentences(adata, recorded_sentence_key(rec), n_genes=model.settings.n_genes)
+    all_sentences, model = cell_prompts(
+        adata, recorded_sentence_key(rec), model, trained=rec["model"]
+    )
     cell_sentences = [all_sentences[i] for i in chosen]
     names = [str(adata.obs_names[i]) for i in chosen]
 
@@ -216,6 +227,7 @@ def gene_attribution(
             "cells": np.asarray([names[i] for i in used], dtype=str),
             "n_cells": int(used.size),
             "transcoders_key": key,
+            "transcoders_id": transcoders_id(adata, key),
             "activations_key": activations_key,
             "permutations": int(permutations),
             "seed": int(seed),
@@ -236,12 +248,19 @@ def _chosen_cells(
 ) -> np.ndarray:
     """Row indices of the given cells, or of the ``n_cells`` with the largest stored activation."""
     if cells is not None:
+        check_unique_obs_names(adata)
         cells = [str(c) for c in ([cells] if isinstance(cells, str) else cells)]
         if not cells:
             raise ValueError("No cells given.")
         unknown = [c for c in cells if c not in adata.obs_names]
         if unknown:
             raise KeyError(f"Cells not in adata.obs_names: {unknown[:5]}.")
+        twice = pd.Index(cells)[pd.Index(cells).duplicated()].unique()
+        if len(twice):  # the cell would count twice in every gene's mean effect
+            raise ValueError(
+                f"cells names {list(twice[:5])} more than once: pass each cell once, e.g. "
+                "`cells=list(dict.fromkeys(cells))`."
+            )
         return adata.obs_names.get_indexer(cells)
     check_positive_int(n_cells, "n_cells")
     rec = activations_record(adata, activations_key)

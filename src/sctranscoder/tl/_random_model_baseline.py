@@ -115,7 +115,7 @@ def random_model_baseline(
     if n_tokens is not None:
         config = config.replace(n_tokens=check_positive_int(n_tokens, "n_tokens"))
     record_key = check_key(
-        key_added or Key.derived(annotation_key, "random_model"),
+        key_added if key_added is not None else Key.derived(annotation_key, "random_model"),
         adata=adata,
         kind="random model baseline",
     )
@@ -202,4 +202,6 @@ def _scratch(adata: AnnData, sentence_key: str) -> AnnData:
 
     scratch = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
     scratch.obs[sentence_key] = adata.obs[sentence_key].to_numpy()
+    if sentence_key in adata.uns:  # their record: prompts name the sentences' organism
+        scratch.uns[sentence_key] = adata.uns[sentence_key]
     return scratch

@@ -12,13 +12,15 @@ from scipy import sparse
 from .._constants import Key, feature_names
 from .._logging import quiet_scanpy
 from .._records import activation_layers, activations_record, check_key, obsm_activations
-from .._validate import check_copy_backed
+from .._validate import check_bool, check_copy_backed, check_layer_list, check_positive_int
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from anndata import AnnData
 
+#: Tests of :func:`scanpy.tl.rank_genes_groups`.
+METHODS = ("wilcoxon", "t-test", "t-test_overestim_var", "logreg")
 #: Stands in for ``/`` in group names used as keys (``.h5ad`` and ``.zarr`` read ``/`` as a path):
 #: U+2215 DIVISION SLASH, which looks the same.
 SLASH = "\u2215"
@@ -37,6 +39,9 @@ def feature_matrix(
     Returns the CSR matrix, the feature names, and each column's layer and feature index.
     """
     rec = activations_record(adata, activations_key)
+    if layers is not None:  # an empty list would give a matrix without columns
+        available = [Key.parse_layer(k) for k in rec["obsm_keys"]]
+        layers = check_layer_list(layers, available)
     blocks, names, layer_of, index_of = [], [], [], []
     for layer in activation_layers(rec, layers, activations_key):
         X = sparse.csr_matrix(
@@ -128,18 +133,21 @@ def rank_features_groups(
     adata
         Annotated data after :func:`feature_activations`.
     groupby
-        Categorical ``adata.obs`` column (e.g. ``"bulk_labels"``).
+        Categorical ``adata.obs`` column (e.g. ``"bulk_labels"``); strings and bools are read as
+        groups, numbers are refused (make cluster ids categorical first). Cells without a group
+        (NaN) are left out, with a warning.
     layers
         Layers whose features are ranked (default: every layer with activations).
     method
         Test of :func:`scanpy.tl.rank_genes_groups`; ``"wilcoxon"`` (default) suits the many
         zeros of sparse activations.
     groups
-        Groups to rank (default: all with at least two cells).
+        Groups to rank (default: all with at least two cells); a non-empty list.
     reference
-        ``"rest"`` or a group to compare with.
+        ``"rest"`` or a group with at least two cells to compare with, not the only group
+        ranked.
     n_top
-        Features reported per group (default: all).
+        Features reported per group, a positive integer (default: all).
     activations_key
         ``adata.uns`` key of the activation record.
     key_added
@@ -188,18 +196,46 @@ def rank_features_groups(
 
     if groupby not in adata.obs:
         raise KeyError(f"adata.obs[{groupby!r}] not found; columns: {list(adata.obs.columns)}.")
+    if pd.api.types.is_float_dtype(adata.obs[groupby]):
+        raise ValueError(
+            f"adata.obs[{groupby!r}] holds floats, not groups: pass a categorical column (cell "
+            f"types, clusters), or bin this one first, e.g. `adata.obs['{groupby}_bin'] = "
+            f"pd.qcut(adata.obs[{groupby!r}], 4)`."
+        )
+    if pd.api.types.is_integer_dtype(adata.obs[groupby]):
+        raise ValueError(
+            f"adata.obs[{groupby!r}] holds integers ({adata.obs[groupby].nunique()} distinct "
+            "values), not groups: if they label groups (cluster ids), make the column "
+            f"categorical first, `adata.obs[{groupby!r}] = adata.obs[{groupby!r}]"
+            ".astype('category')`; if they count something, bin them, e.g. "
+            f"`adata.obs['{groupby}_bin'] = pd.qcut(adata.obs[{groupby!r}], 4)`."
+        )
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if n_top is not None:
+        n_top = check_positive_int(n_top, "n_top")
+    copy = check_bool(copy, "copy")
     key_added = check_key(
-        key_added or Key.rank_features_groups, adata=adata, kind="feature ranking"
+        key_added if key_added is not None else Key.rank_features_groups,
+        adata=adata,
+        kind="feature ranking",
     )
     check_copy_backed(adata, copy)
     X, names, layer_of, index_of = feature_matrix(adata, layers, activations_key)
     column = adata.obs[groupby]
     labels = pd.Categorical(column.astype(str).map(storable_group).where(column.notna()))
+    has_group = np.asarray(column.notna())
+    if not has_group.all():  # scanpy cannot rank cells without a group: they are left out
+        logg.warning(
+            f"{int((~has_group).sum())} cells have no group (NaN) in adata.obs[{groupby!r}]: "
+            "they are left out of the ranking, the rest and the group means"
+        )
+        X, labels = X[has_group], labels[has_group]
     labels = labels.remove_unused_categories()
     rank_groups = _groups_to_rank(labels, groups, storable_group(reference), groupby)
     tmp = ad.AnnData(
         X=X,
-        obs=pd.DataFrame({groupby: labels}, index=adata.obs_names.copy()),
+        obs=pd.DataFrame({groupby: labels}, index=adata.obs_names[has_group].copy()),
         var=pd.DataFrame(index=pd.Index(names)),
     )
     start = logg.info(f"ranking {len(names)} features for the groups of {groupby!r}")
@@ -210,7 +246,7 @@ def rank_features_groups(
             groups=rank_groups,
             reference=storable_group(reference),
             method=method,
-            n_genes=X.shape[1] if n_top is None else int(n_top),
+            n_genes=X.shape[1] if n_top is None else n_top,
             use_raw=False,
             pts=True,
             key_added="result",
@@ -242,13 +278,22 @@ def _groups_to_rank(labels: pd.Categorical, groups, reference: str, groupby: str
     renamed = [str(g) for g in labels.categories if SLASH in str(g)]
     if renamed:
         logg.info(f"    groups {renamed} of {groupby!r} are stored with '{SLASH}' for '/'")
+    known = [str(g) for g in counts.index[counts > 0]]
+    if reference != "rest" and reference not in known:
+        raise ValueError(
+            f"reference {reference!r} is not a group of adata.obs[{groupby!r}]: pass 'rest' or "
+            f"one of {known}."
+        )
     if not (isinstance(groups, str) and groups == "all"):
         wanted = [storable_group(g) for g in ([groups] if isinstance(groups, str) else groups)]
+        if not wanted:
+            raise ValueError(f"groups is empty: pass 'all' or some of {known}.")
         unknown = [g for g in wanted if g not in counts.index]
         if unknown:
             raise ValueError(
                 f"groups {unknown} not in adata.obs[{groupby!r}]; groups: {list(counts.index)}."
             )
+        _check_not_only_reference(wanted, reference, known)
         return wanted
     tested = [str(g) for g in labels.categories if counts.get(g, 0) >= 2]
     small = [str(g) for g in labels.categories if 0 < counts.get(g, 0) < 2]
@@ -261,4 +306,15 @@ def _groups_to_rank(labels: pd.Categorical, groups, reference: str, groupby: str
         tested.append(reference)
     if not tested:
         raise ValueError(f"No group of {groupby!r} has at least 2 cells.")
+    _check_not_only_reference(tested, reference, known)
     return tested
+
+
+def _check_not_only_reference(groups: list[str], reference: str, known: list[str]) -> None:
+    """Refuse ranking the reference alone: it is compared with itself, which scanpy skips."""
+    if reference != "rest" and set(groups) <= {reference}:
+        others = [g for g in known if g != reference]
+        raise ValueError(
+            f"reference {reference!r} is the only group to rank, and a group is not compared "
+            f"with itself: pass other groups (some of {others}), or reference='rest'."
+        )

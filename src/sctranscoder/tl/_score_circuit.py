@@ -19,15 +19,36 @@ from .._records import (
     circuit_record,
     obsm_activations,
 )
-from .._validate import check_copy_backed, check_positive_int
+from .._validate import (
+    check_bool,
+    check_copy_backed,
+    check_in_memory,
+    check_positive_int,
+    check_unique_symbols,
+)
 from ._circuit_enrichment import circuit_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 
-def _expression(adata: AnnData):
-    """Non-negative expression to rank genes per cell: ``X`` or, if ``X`` is scaled, ``.raw``."""
+def _expression(adata: AnnData, sentence_key: str):
+    """Expression to rank genes per cell, with its gene symbols: the matrix and symbols the cell
+    sentences were built from (their record in ``adata.uns[sentence_key]``), else ``X`` or, if
+    ``X`` is scaled, ``.raw``.
+    """
+    params = adata.uns.get(sentence_key, {}).get("params", {})
+    source, column = str(params.get("source", "")), str(params.get("gene_symbols", "var_names"))
+    where = None
+    if source == "raw" and adata.raw is not None:
+        X, var, where = adata.raw.X, adata.raw.var, "adata.raw.var"
+    elif source.startswith("layers/") and source[7:] in adata.layers:
+        X, var, where = adata.layers[source[7:]], adata.var, "adata.var"
+    elif source == "X":
+        X, var, where = adata.X, adata.var, "adata.var"
+    if where is not None and (column == "var_names" or column in var):
+        names = var.index if column == "var_names" else var[column].astype(str)
+        return X, pd.Index(names)
     X = adata.X
     lowest = X.min() if not sparse.issparse(X) else (X.data.min() if X.nnz else 0)
     if lowest >= 0:
@@ -65,7 +86,8 @@ def score_circuit(
     circuit
         The circuit's key in ``adata.uns`` (or its cell's name).
     gene_score
-        Also compute the gene score.
+        Also compute the gene score (reads the expression matrix: not for a backed ``adata``,
+        where ``gene_score=False`` gives the feature score).
     n_top
         Genes in the circuit's gene set.
     activations_key
@@ -91,8 +113,18 @@ def score_circuit(
     """
     name, rec = circuit_record(adata, circuit)
     check_positive_int(n_top, "n_top")
+    gene_score = check_bool(gene_score, "gene_score")
+    copy = check_bool(copy, "copy")
+    if gene_score:
+        check_in_memory(adata, "gene_score=True", otherwise="pass gene_score=False")
     check_copy_backed(adata, copy)
-    score_col = check_key(key_added or Key.circuit_score(name), adata=adata, kind="circuit score")
+    score_col = key_added if key_added is not None else Key.circuit_score(name)
+    check_key(
+        score_col,
+        adata=adata,
+        kind="circuit score",
+        obs_columns=[score_col, Key.gene_score(score_col)],
+    )
     transcoders_key = str(rec["params"].get("transcoders_key", Key.transcoders))
     activations_key = activations_key or Key.activations(transcoders_key)
     check_same_transcoders(adata, activations_key, transcoders_key)
@@ -105,7 +137,8 @@ def score_circuit(
     weights = feats.groupby(["layer", "feature"])["influence"].sum()
     score = _feature_score(adata, weights, activations_key)
     genes = circuit_genes(rec, n_top)
-    gene_values = _gene_score(adata, genes, name) if gene_score else None
+    sentence_key = str(rec["params"].get("sentence_key", Key.sentence))
+    gene_values = _gene_score(adata, genes, sentence_key) if gene_score else None
 
     if copy:
         adata = adata.copy()
@@ -142,13 +175,19 @@ def _feature_score(adata: AnnData, weights: pd.Series, activations_key: str) -> 
     return score / weights.sum()
 
 
-def _gene_score(adata: AnnData, genes: list[str], name: str) -> np.ndarray:
+def _gene_score(adata: AnnData, genes: list[str], sentence_key: str) -> np.ndarray:
     """Decoupler's AUCell of ``genes`` in every cell's expression ranking."""
     import anndata as ad
     import decoupler as dc
 
-    X, names = _expression(adata)
+    X, names = _expression(adata, sentence_key)
     upper = pd.Index([clean_symbol(n) for n in names])
+    check_unique_symbols(
+        upper,
+        described="the genes of the expression matrix",
+        fix="Keep one row per symbol (`adata = adata[:, ~adata.var_names.duplicated()]`), or "
+        "pass gene_score=False.",
+    )
     present = [g for g in genes if g in set(upper)]
     if not present:
         raise ValueError(f"None of the circuit's genes {genes[:5]}... is in the expression matrix.")
@@ -157,7 +196,6 @@ def _gene_score(adata: AnnData, genes: list[str], name: str) -> np.ndarray:
         obs=pd.DataFrame(index=adata.obs_names.astype(str)),
     )
     tmp.var_names = upper
-    tmp.var_names_make_unique()
     net = pd.DataFrame({"source": "circuit", "target": present, "weight": 1.0})
     dc.mt.aucell(tmp, net, tmin=1, verbose=False)
     return np.asarray(tmp.obsm["score_aucell"]["circuit"], dtype=np.float64)

@@ -9,16 +9,26 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
-from .._constants import Key, is_feature_name
+from .._constants import Key, is_feature_name, loose_feature_name
 from .._genesets import gene_sets as load_gene_sets
 from .._records import (
+    cell_prompts,
     check_key,
+    circuit_dependents,
     model_and_transcoders,
     recorded_sentence_key,
-    sentences,
+    remove_circuit,
     transcoder_record,
+    transcoders_id,
 )
-from .._validate import check_copy_backed, check_fraction, check_positive_int
+from .._validate import (
+    check_bool,
+    check_copy_backed,
+    check_feature,
+    check_fraction,
+    check_positive_int,
+    check_unique_obs_names,
+)
 from ..core.attribution import Attributor, build_graph, prune
 from ..core.circuit import circuit_tables, head_table, node_names
 from ..core.connections import edge_split
@@ -53,6 +63,7 @@ def trace_circuit(
     sentence_key: str | None = None,
     key: str = Key.transcoders,
     key_added: str | None = None,
+    overwrite: bool = False,
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -79,7 +90,11 @@ def trace_circuit(
         ``obs_name`` of the cell.
     target
         What to explain: ``None`` (the model's predicted cell type), a cell-type label, or a feature
-        ``"L<layer>F<id>"`` (its pre-activation at the last prompt token).
+        ``"L<layer>F<id>"`` (its pre-activation at the last prompt token). A feature name written
+        loosely (``"l2f17"``, ``"L2 F17"``) is refused with the exact spelling, not read as a
+        label. When the model records the labels it answers (``model.labels``), a label outside
+        them is refused with the closest ones, unless ``label_token="first"`` (then it is
+        traced from its first token, with a warning).
     label_token
         Which token of the label is the target: ``"distinct"`` (default), the first token at which
         the label differs from every other label the model knows, after feeding the shared
@@ -111,7 +126,13 @@ def trace_circuit(
     key
         ``adata.uns`` key of the transcoders.
     key_added
-        ``adata.uns`` key of the circuit (default ``"circuit_<cell>"``, ``/`` replaced by ``_``).
+        ``adata.uns`` key of the circuit. Default ``"circuit_<cell>"``, with ``%`` and ``/`` in
+        the cell name written ``%25`` and ``%2F``, so that distinct cells get distinct keys.
+        Trace another target of the same cell under another ``key_added``.
+    overwrite
+        Replace a circuit already at ``key_added``, and remove everything derived from it (its
+        enrichment and score records in ``adata.uns`` and score columns in ``adata.obs``, which
+        would describe the old circuit). Default: an existing circuit is refused.
     progress
         Show a progress bar.
     copy
@@ -159,12 +180,17 @@ def trace_circuit(
     With ``gene_sets``, also ``adata.uns[f"{key_added}_enrichment"]``: see
     :func:`circuit_enrichment`.
     """
+    if not isinstance(cell, str):
+        raise TypeError(f"cell takes one obs name (a str), got {cell!r}.")
+    check_unique_obs_names(adata)
     if cell not in adata.obs_names:
         raise KeyError(f"Cell {cell!r} is not in adata.obs_names.")
     check_positive_int(max_feature_nodes, "max_feature_nodes")
     check_positive_int(batch_size, "batch_size")
     check_fraction(node_threshold, "node_threshold")
     check_fraction(edge_threshold, "edge_threshold")
+    subtract_mean = check_bool(subtract_mean, "subtract_mean")
+    overwrite, copy = check_bool(overwrite, "overwrite"), check_bool(copy, "copy")
     check_copy_backed(adata, copy)
     head_nodes = [head_nodes] if isinstance(head_nodes, str) else list(head_nodes)
     bad = [n for n in head_nodes if n != "target" and not _is_feature_node(n)]
@@ -172,7 +198,22 @@ def trace_circuit(
         raise ValueError(
             f"head_nodes must be 'target' or feature node ids such as 'L2F17@40'; got {bad}."
         )
-    record_key = check_key(key_added or Key.circuit(str(cell)), adata=adata, kind="circuit")
+    loose = loose_feature_name(target)
+    if loose is not None:
+        raise ValueError(
+            f"target={target!r} looks like a feature name: write it exactly as {loose!r} "
+            "(upper-case L and F, no spaces), or pass a cell-type label the model answers."
+        )
+    record_key = check_key(
+        key_added if key_added is not None else Key.circuit(str(cell)), adata=adata, kind="circuit"
+    )
+    if record_key in adata.uns and not overwrite:
+        old = adata.uns[record_key].get("params", {})
+        raise ValueError(
+            f"adata.uns[{record_key!r}] already holds a circuit (cell {old.get('cell')!r}): "
+            "pass key_added= to keep both, or overwrite=True to replace it and remove what was "
+            f"derived from it ({_derived(adata, record_key)})."
+        )
     sets = None
     if gene_sets is not None:  # resolved first (the loaded sets remember their source)
         sets = load_gene_sets(
@@ -180,12 +221,15 @@ def trace_circuit(
         )
     sentence_key = sentence_key or recorded_sentence_key(transcoder_record(adata, key))
     model, tset = model_and_transcoders(adata, key, model)
-    genes = sentences(adata[[cell]], sentence_key, n_genes=model.settings.n_genes)[0]
+    (genes,), model = cell_prompts(
+        adata[[cell]], sentence_key, model, trained=transcoder_record(adata, key)["model"]
+    )
     tgt, answer_ids, target_info = resolve_target(
         model, genes, target, label_token=label_token, subtract_mean=subtract_mean
     )
-    if tgt.kind == "feature" and not 0 <= tgt.layer < model.n_layers:
-        raise ValueError(f"Layer {tgt.layer} does not exist (0..{model.n_layers - 1}).")
+    if tgt.kind == "feature":
+        widths = {la: tset[la].config.n_features for la in tset.layers}
+        check_feature(tgt.layer, tgt.feature, widths, key=key)
     ids, gene_index = teacher_forced(model, genes, answer_ids)
     start = logg.info(f"tracing the circuit of cell {cell}")
     t0 = time.perf_counter()
@@ -229,6 +273,7 @@ def trace_circuit(
         "family": rm.arch.family,
         "n_tokens": int(ids.numel()),
         "transcoders_key": key,
+        "transcoders_id": transcoders_id(adata, key),
         "sentence_key": sentence_key,
         "model_fingerprint": model.fingerprint,
     }
@@ -246,6 +291,9 @@ def trace_circuit(
     )
     if copy:
         adata = adata.copy()
+    if record_key in adata.uns:
+        removed = remove_circuit(adata, record_key)
+        logg.info(f"    replaced the circuit {record_key!r}, removed {', '.join(removed)}")
     adata.uns[record_key] = circuit
     if enriched is not None:
         adata.uns[Key.circuit_enrichment(record_key)] = enriched
@@ -259,6 +307,12 @@ def trace_circuit(
         + " (adata.uns)",
     )
     return adata if copy else None
+
+
+def _derived(adata: AnnData, key: str) -> str:
+    uns, obs = circuit_dependents(adata, key)
+    names = [f"adata.uns[{k!r}]" for k in uns] + [f"adata.obs[{c!r}]" for c in obs]
+    return ", ".join(names) if names else "nothing else yet"
 
 
 def _is_feature_node(name: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -10,12 +9,19 @@ import pandas as pd
 from scanpy import logging as logg
 
 from .._constants import Key
-from .._records import EMBED_LIMIT_BYTES, check_key, sentences, write_transcoders
-from .._validate import check_copy_backed, check_layers, model_or_default
+from .._records import EMBED_LIMIT_BYTES, cell_prompts, check_key, write_transcoders
+from .._validate import (
+    check_copy_backed,
+    check_device,
+    check_layers,
+    check_path,
+    model_or_default,
+)
 from ..core import distributed as dist
 from ..core.fit import fit_transcoders
 from ..core.prompts import split_cells
 from ..core.training import TrainingConfig
+from ..core.training.checkpoint import check_arguments as check_checkpoint_arguments
 from ..core.transcoder_set import manifest_sha256
 
 if TYPE_CHECKING:
@@ -39,6 +45,9 @@ def train_transcoders(
     key_added: str = Key.transcoders,
     progress: bool = True,
     copy: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
     **overrides: Any,
 ) -> AnnData | None:
     """Train a transcoder for each chosen MLP layer of a C2S model on the cells' sentences.
@@ -63,6 +72,13 @@ def train_transcoders(
     all validation cells, and rank 0's metrics are broadcast, so every rank ends with the same
     record; save from rank 0 only. See ``docs/scaling.md``.
 
+    **Checkpoints.** With ``checkpoint_dir``, the whole state of training (transcoders, Adam,
+    dead-feature counters, the loss curves so far, the shuffle buffer and each rank's position
+    in the prompt stream) is written there every ``checkpoint_every`` tokens and when training
+    ends; after an interruption, the same call with ``resume=True`` continues from it and ends
+    with the same transcoders as an uninterrupted run (bit for bit on the CPU). Under
+    ``torchrun`` rank 0 writes and every rank resumes, with the same number of ranks.
+
     **Backed AnnData.** Only ``adata.obs[sentence_key]`` is read, so ``adata`` may be opened with
     ``anndata.read_h5ad(path, backed="r")``; the results go to ``uns`` and ``obs``, which are held
     in memory (save with ``adata.write_h5ad(new_path)``).
@@ -72,19 +88,25 @@ def train_transcoders(
     adata
         Annotated data with cell sentences in ``adata.obs[sentence_key]``
         (:func:`sctranscoder.pp.cell_sentences`). Each prompt holds the top
-        ``model.settings.n_genes`` genes of the cell's sentence.
+        ``model.settings.n_genes`` genes of the cell's sentence (a warning says so when the
+        sentences are longer) and names the organism recorded with the sentences
+        (``adata.uns[sentence_key]["params"]["organism"]``, else the model's); the transcoder
+        record's ``model`` says which. Every later tool builds its prompts the same way, and
+        warns when they name another organism than the transcoders were trained on.
     model
         A :class:`~sctranscoder.core.model.C2SModel` (e.g. :func:`sctranscoder.datasets.tiny_c2s`),
         a local model directory or a hub id. Default: the embedded model.
     config
-        Training settings (default: ``TrainingConfig()``: TopK, expansion 8, k 32, 1M tokens).
+        Training settings, a :class:`~sctranscoder.core.training.TrainingConfig` or a dict of
+        its fields (default: ``TrainingConfig()``: TopK, expansion 8, k 32, 1M tokens).
         The settings of Hosokawa et al. 2025 are ``TrainingConfig(activation="relu",
         expansion_factor=8, lr=1e-4, l1_coefficient=1.4e-4, batch_size=2048)``.
     layers
         MLP layers to train (default: all).
     device
-        ``"cpu"``, ``"cuda"``, ... Default: where the model is; in data-parallel training with
-        CUDA available, ``cuda:<LOCAL_RANK>`` (the GPU ``torchrun`` assigns to the rank).
+        ``"cpu"``, ``"cuda"``, ... (a device this machine lacks is refused, naming those it has).
+        Default: where the model is; in data-parallel training with CUDA available,
+        ``cuda:<LOCAL_RANK>`` (the GPU ``torchrun`` assigns to the rank).
     weights_dir
         Write the weights to this new directory (:meth:`TranscoderSet.save
         <sctranscoder.core.transcoder_set.TranscoderSet.save>`) and keep only a link to it (path
@@ -99,6 +121,18 @@ def train_transcoders(
         Show a progress bar.
     copy
         Return a copy instead of writing to ``adata`` (not for a backed ``adata``).
+    checkpoint_dir
+        Directory of the training checkpoint (``checkpoint.pt``, replaced atomically at each
+        checkpoint; created when needed). A new run refuses a directory that holds a checkpoint.
+        Under ``torchrun`` it must be on a file system every rank reads.
+    checkpoint_every
+        Training tokens (over all ranks) between checkpoints, taken at the first boundary
+        between shuffle-buffer rounds after each multiple. Default: a tenth of ``n_tokens``.
+    resume
+        Continue the run whose checkpoint is in ``checkpoint_dir``. Refused, naming the
+        difference, when it was written for other training settings (any field but
+        ``profile``), layers, base model (fingerprint, prompt settings), cells or split, or
+        another number of ranks. ``train_seconds`` then sums the sessions' training time.
     **overrides
         Fields of :class:`~sctranscoder.core.training.TrainingConfig`.
 
@@ -134,21 +168,39 @@ def train_transcoders(
     ``adata.obs[f"{key_added}_split"]`` : categorical
         ``"train"`` or ``"validation"``.
     """
+    if isinstance(config, dict):
+        config = TrainingConfig.from_dict(config)
+    elif config is not None and not isinstance(config, TrainingConfig):
+        raise TypeError(
+            f"config must be a TrainingConfig or a dict of its fields, got {config!r}; single "
+            "settings go as keywords, e.g. train_transcoders(adata, k=16, activation='topk')."
+        )
     config = (config or TrainingConfig()).replace(**overrides)
-    check_key(key_added, adata=adata, kind="transcoders")
+    check_key(key_added, adata=adata, kind="transcoders", obs_columns=[Key.split(key_added)])
     check_copy_backed(adata, copy)
-    if weights_dir is not None and Path(weights_dir).exists():
+    check_checkpoint_arguments(checkpoint_dir, checkpoint_every, resume)
+    if weights_dir is not None and check_path(weights_dir, "weights_dir").exists():
         raise FileExistsError(f"weights_dir {weights_dir} exists: choose a new directory.")
     model = model_or_default(model)
     layers = check_layers(layers, model.n_layers)
-    cells = sentences(adata, sentence_key, n_genes=model.settings.n_genes)
+    cells, model = cell_prompts(adata, sentence_key, model)  # the sentences' organism
     is_val = split_cells(adata.n_obs, config.validation_fraction, config.seed)
-    device = device or dist.default_device()
+    device = check_device(device) or dist.default_device()
     if device is not None:
         model.model.to(device)
 
     start = logg.info(f"training transcoders on {int((~is_val).sum())} cells")
-    tset, run = fit_transcoders(model, cells, is_val, layers, config, progress=progress)
+    tset, run = fit_transcoders(
+        model,
+        cells,
+        is_val,
+        layers,
+        config,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
     run["sentence_key"] = sentence_key
     link = None
     if weights_dir is not None:  # rank 0 writes; every rank records rank 0's checksum

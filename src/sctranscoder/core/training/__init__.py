@@ -1,5 +1,6 @@
 """Transcoder training: settings (:mod:`.config`), the token stream (:mod:`.buffer`), the losses
-(:mod:`.losses`) and the trainer (:mod:`.trainer`). Torch only.
+(:mod:`.losses`), the trainer (:mod:`.trainer`) and its checkpoints (:mod:`.checkpoint`). Torch
+only.
 """
 
 from .buffer import ShuffleBuffer, TokenBatch, harvest

@@ -95,6 +95,9 @@ class ShuffleBuffer:
         Where the tokens are.
     timer
         Times the model's forward (``"model_forward"``) and the shuffling (``"other"``).
+    batches_read
+        Items of ``source`` read before (by a run this one resumes); counted on in
+        :attr:`batches_read`.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class ShuffleBuffer:
         generator: torch.Generator,
         device: torch.device,
         timer: Timer,
+        batches_read: int = 0,
     ):
         self.source = source
         self.layers = list(layers)
@@ -118,6 +122,8 @@ class ShuffleBuffer:
         self._x: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         self._y: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         self._n = 0
+        #: items of ``source`` read so far: the position of the prompt stream
+        self.batches_read = batches_read
 
     def next_round(self) -> tuple[LayerTensors, LayerTensors, list[torch.Tensor]]:
         """Fill up, shuffle: ``(X, Y, batches)`` with ``batches`` the row indices of each batch.
@@ -130,6 +136,7 @@ class ShuffleBuffer:
                     xs, ys = next(self.source)
             except StopIteration:
                 break
+            self.batches_read += 1
             for layer in self.layers:
                 self._x[layer].append(xs[layer])
                 self._y[layer].append(ys[layer])
@@ -151,6 +158,28 @@ class ShuffleBuffer:
                 self._y[layer] = [Y[layer][rest]] if rest.numel() else []
             self._n = int(rest.numel())
         return X, Y, batches
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this buffer: the shuffling generator's state, the
+        rows kept for the next round (on the CPU) and :attr:`batches_read`.
+
+        Taken between rounds (after :meth:`next_round`'s batches were used), the buffer holds
+        only the remainder, fewer rows than a batch.
+        """
+        return {
+            "generator": self.generator.get_state(),
+            "batches_read": self.batches_read,
+            "x": {layer: [t.cpu() for t in self._x[layer]] for layer in self.layers},
+            "y": {layer: [t.cpu() for t in self._y[layer]] for layer in self.layers},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (the source must already be at ``batches_read``)."""
+        self.generator.set_state(state["generator"])
+        self.batches_read = int(state["batches_read"])
+        self._x = {la: [to_device(t, self.device) for t in state["x"][la]] for la in self.layers}
+        self._y = {la: [to_device(t, self.device) for t in state["y"][la]] for la in self.layers}
+        self._n = sum(int(t.shape[0]) for t in self._x[self.layers[0]])
 
     def close(self) -> None:
         """Stop the source (its forward hooks are removed)."""

@@ -6,16 +6,18 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 #: ``TrainingConfig.autocast`` values.
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: ``TrainingConfig.kernels`` values.
-KERNELS = ("auto", "sparse", "dense")
-#: ``TrainingConfig.activation`` values.
-ACTIVATIONS = ("topk", "relu")
+#: ``TrainingConfig.kernels``: how a TopK step is computed.
+Kernels = Literal["auto", "sparse", "dense"]
+KERNELS = get_args(Kernels)
+#: ``TrainingConfig.activation``: the transcoders' activation function.
+Activation = Literal["topk", "relu"]
+ACTIVATIONS = get_args(Activation)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class TrainingConfig:
         Fraction of cells held out (seeded by ``seed``) for the quality metrics.
     """
 
-    activation: str = "topk"
+    activation: Activation = "topk"
     expansion_factor: int = 8
     k: int = 32
     skip: bool = False
@@ -98,10 +100,10 @@ class TrainingConfig:
     auxk_alpha: float = 1 / 32
     buffer_tokens: int | None = None
     seed: int = 0
-    autocast: str | None = None
+    autocast: Literal["bf16", "fp16"] | None = None
     compile: bool = False
     profile: bool = False
-    kernels: str = "auto"
+    kernels: Kernels = "auto"
     prompt_batch_size: int = 16
     validation_fraction: float = 0.1
 

@@ -16,10 +16,12 @@ own tokens and all ranks keep identical transcoders (see :func:`train_transcoder
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,11 +30,13 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..transcoder import Transcoder, TranscoderConfig
 from .buffer import LayerTensors, ShuffleBuffer, TokenBatch, buffer_tokens, harvest
+from .checkpoint import Checkpoints, check_arguments, default_every, run_header
 from .losses import LayerLossFunction, initialise_from_data, remove_parallel_grad
 from .timer import Timer
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    import os
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from .config import TrainingConfig
 
@@ -193,8 +197,12 @@ class Trainer:
                 for tc in self.transcoders.values():
                     tc.normalize_decoder()
 
-    def flush(self) -> None:
-        """Copy the pending loss curves (and the dead flags) to the host in one transfer."""
+    def flush(self, *, dead_flags: bool = True) -> None:
+        """Copy the pending loss curves (and the dead flags) to the host in one transfer.
+
+        ``dead_flags=False`` leaves the dead flags as the last regular flush set them (a
+        checkpoint flushes between regular flushes without changing when AuxK runs).
+        """
         if not self._pending:
             return
         block = torch.stack(self._pending)
@@ -207,9 +215,50 @@ class Trainer:
             for j, layer in enumerate(self.layers):
                 self.log.loss[layer].append(row[j])
                 self.log.fvu[layer].append(row[n + j])
-        for layer, flag in zip(self.layers, host[block.numel() :].tolist(), strict=True):
-            self._any_dead[layer] = bool(flag)
+        if dead_flags:
+            for layer, flag in zip(self.layers, host[block.numel() :].tolist(), strict=True):
+                self._any_dead[layer] = bool(flag)
         self._pending.clear()
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs of the trainer, loss curves flushed first: every
+        transcoder, the Adam state, the dead-feature counters and flags, the log so far and the
+        profile's seconds. Tensors stay where they are (``torch.save`` them as they are).
+        """
+        self.flush(dead_flags=False)
+        log = self.log
+        return {
+            "transcoders": {la: tc.state_dict() for la, tc in self.transcoders.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "since_fired": dict(self.since_fired),
+            "any_dead": dict(self._any_dead),
+            # float64 holds the host's Python floats exactly
+            "log": {
+                "steps": log.steps,
+                "tokens": log.tokens,
+                "seconds": log.seconds,
+                "loss": {la: torch.tensor(v, dtype=torch.float64) for la, v in log.loss.items()},
+                "fvu": {la: torch.tensor(v, dtype=torch.float64) for la, v in log.fvu.items()},
+            },
+            "timings": dict(self.timer.seconds),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (of a trainer with the same config and layers)."""
+        for layer, tc in self.transcoders.items():
+            tc.load_state_dict(state["transcoders"][layer])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for layer in self.layers:
+            self.since_fired[layer].copy_(state["since_fired"][layer])
+            self._any_dead[layer] = bool(state["any_dead"][layer])
+        saved = state["log"]
+        self.log.steps, self.log.tokens = int(saved["steps"]), int(saved["tokens"])
+        self.log.seconds = float(saved["seconds"])
+        self.log.loss = {la: saved["loss"][la].tolist() for la in self.layers}
+        self.log.fvu = {la: saved["fvu"][la].tolist() for la in self.layers}
+        self.timer.seconds.update({k: float(v) for k, v in state["timings"].items()})
+        self._pending.clear()
+        self.initialised = True
 
     def mean_fvu(self) -> float:
         """Mean over layers of the last flushed FVU."""
@@ -246,7 +295,7 @@ def _all_reduce_step(params: list[nn.Parameter], fired: list[torch.Tensor]) -> N
 
 def train_transcoders(
     model: nn.Module,
-    batches: Iterable[TokenBatch],
+    batches: Iterable[TokenBatch] | Callable[[int], Iterable[TokenBatch]],
     *,
     layers: Sequence[int],
     config: TrainingConfig,
@@ -254,6 +303,11 @@ def train_transcoders(
     d_out: int,
     device: str | torch.device | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    identity: Mapping[str, Any] | None = None,
+    callback: Callable[[TrainingLog], object] | None = None,
 ) -> tuple[dict[int, Transcoder], TrainingLog]:
     """Train one transcoder per layer in ``layers`` on the prompts in ``batches``.
 
@@ -263,13 +317,24 @@ def train_transcoders(
     counts are all-reduced every step, so all ranks take the same steps and end with identical
     transcoders (and identical logs). Single-process, nothing of this happens.
 
+    **Checkpoints** (:mod:`.checkpoint`). With ``checkpoint_dir``, the whole state of training
+    is written there at the first boundary between buffer rounds after every
+    ``checkpoint_every`` tokens, and when training ends. ``resume=True`` continues from it: on
+    the CPU, a resumed run ends with the same transcoders and log, bit for bit, as one that was
+    never interrupted (tested); writing checkpoints changes no number either.
+
     Parameters
     ----------
     model
         A frozen causal LM (see :func:`sctranscoder.core.model.mlp_modules` for layouts).
     batches
         ``(input_ids, attention_mask)`` prompt batches; iterated until ``config.n_tokens`` tokens
-        have been used, so pass an endless (e.g. epoch-cycling, shuffled) iterator.
+        have been used, so pass an endless (e.g. epoch-cycling, shuffled) iterator. Or a function
+        of the number of batches to skip returning such an iterator from there
+        (:func:`~sctranscoder.core.prompts.prompt_batches` with ``start=``), which lets a resumed
+        run skip without reading; an iterator is read up to its position and the batches are
+        dropped (no forward pass either way). The stream must give the same batches in the
+        same order in the resumed run.
     layers
         MLP layers to train transcoders for.
     config
@@ -280,24 +345,67 @@ def train_transcoders(
         Device of the model and transcoders (default: the model's).
     progress
         Show a tqdm progress bar.
+    checkpoint_dir
+        Directory of the checkpoint (created when needed; one file, replaced atomically). A new
+        run refuses a directory that already holds a checkpoint.
+    checkpoint_every
+        Training tokens (over all ranks) between checkpoints; default: a tenth of
+        ``config.n_tokens``. Needs ``checkpoint_dir``.
+    resume
+        Continue from the checkpoint in ``checkpoint_dir``; refused, naming the difference, when
+        it was written for another config (but ``profile``), other layers or widths, another
+        number of ranks or another ``identity``.
+    identity
+        What else identifies the run (strings and numbers: the model's fingerprint, the cells),
+        stored in the checkpoint and compared on resume.
+    callback
+        Called with the :class:`TrainingLog` after every step (its loss curves are copied every
+        :data:`LOG_EVERY` steps). An exception raised there, as by a ``KeyboardInterrupt``,
+        stops training and propagates; the last checkpoint is kept.
 
     Returns
     -------
-    The transcoders by layer, and a :class:`TrainingLog`.
+    The transcoders by layer, and a :class:`TrainingLog` (after a resume: the whole run's,
+    ``seconds`` summed over the sessions up to the checkpoint and this one).
     """
     t_start = time.perf_counter()
+    check_arguments(checkpoint_dir, checkpoint_every, resume)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    checkpoints = None
+    if checkpoint_dir is not None:
+        header = run_header(config, layers, d_in=d_in, d_out=d_out, identity=identity)
+        every = checkpoint_every if checkpoint_every is not None else default_every(config)
+        checkpoints = Checkpoints(checkpoint_dir, every=every, header=header, device=device)
+    saved = checkpoints.load() if checkpoints is not None and resume else None
     trainer = Trainer(config, layers, d_in=d_in, d_out=d_out, device=device)
-    logger.info(
-        "training %d transcoders (%s, %d features, lr %.2e) on %d tokens each",
-        len(trainer.layers),
-        config.activation,
-        trainer.transcoder_config.n_features,
-        trainer.lr,
-        config.n_tokens,
-    )
+    if saved is not None:
+        trainer.load_state_dict(saved["trainer"])
+        t_start -= trainer.log.seconds  # the clock goes on from the checkpoint's seconds
+        logger.info(
+            "resuming from %s at step %d (%d of %d tokens)",
+            checkpoints.path,
+            trainer.log.steps,
+            trainer.log.tokens,
+            config.n_tokens,
+        )
+    else:
+        logger.info(
+            "training %d transcoders (%s, %d features, lr %.2e) on %d tokens each",
+            len(trainer.layers),
+            config.activation,
+            trainer.transcoder_config.n_features,
+            trainer.lr,
+            config.n_tokens,
+        )
+    position = int(saved["rank"]["batches_read"]) if saved is not None else 0
     buffer = ShuffleBuffer(
-        harvest(model, batches, trainer.layers, device=device, autocast=config.autocast),
+        harvest(
+            model,
+            _stream(batches, position),
+            trainer.layers,
+            device=device,
+            autocast=config.autocast,
+        ),
         trainer.layers,
         capacity=buffer_tokens(config, len(trainer.layers), d_in, d_out, trainer.batch),
         batch=trainer.batch,
@@ -305,8 +413,18 @@ def train_transcoders(
         generator=torch.Generator(device="cpu").manual_seed(config.seed + 1 + dist.rank()),
         device=device,
         timer=trainer.timer,
+        batches_read=position,
     )
-    bar = tqdm(total=config.n_tokens, unit="tok", desc="transcoders", disable=not progress)
+    if saved is not None:
+        buffer.load_state_dict(saved["rank"])
+    del saved
+    bar = tqdm(
+        total=config.n_tokens,
+        initial=min(trainer.log.tokens, config.n_tokens),
+        unit="tok",
+        desc="transcoders",
+        disable=not progress,
+    )
     try:
         while trainer.log.tokens < config.n_tokens:
             X, Y, rounds = buffer.next_round()
@@ -319,8 +437,24 @@ def train_transcoders(
                 bar.update(config.batch_size)
                 if trainer.log.steps % LOG_EVERY == 0:
                     bar.set_postfix(fvu=f"{trainer.mean_fvu():.3f}")
+                if callback is not None:
+                    callback(trainer.log)
             del X, Y
+            done = trainer.log.tokens >= config.n_tokens
+            if checkpoints is not None and (done or checkpoints.due(trainer.log.tokens)):
+                checkpoints.save(trainer, buffer, seconds=time.perf_counter() - t_start)
     finally:
         bar.close()
         buffer.close()
     return trainer.finish(time.perf_counter() - t_start)
+
+
+def _stream(
+    batches: Iterable[TokenBatch] | Callable[[int], Iterable[TokenBatch]], start: int
+) -> Iterator[TokenBatch]:
+    """``batches`` from its ``start``-th batch on (a function is asked; an iterator is read)."""
+    if callable(batches):
+        return iter(batches(start))
+    stream = iter(batches)
+    collections.deque(itertools.islice(stream, start), maxlen=0)  # read and drop
+    return stream
