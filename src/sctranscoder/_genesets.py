@@ -7,9 +7,11 @@
 - a decoupler net (``DataFrame`` with ``source`` and ``target`` columns);
 - ``"markers:<obs column>"``: top markers per group, computed from the data;
 - a named library (``"KEGG_2021_Human"``, ``"GO_Biological_Process_2023"``, ...; or
-  ``"omnipath:hallmark"`` etc. for decoupler's OmniPath resources). Named libraries are read
-  from the cache directory, then from the optional offline package ``pyenrichr``, and downloaded
-  (then cached) only when ``allow_network=True``: nothing here touches the network unless asked.
+  ``"omnipath:hallmark"`` etc. for decoupler's OmniPath resources). Libraries shipped with
+  sctranscoder (:data:`SHIPPED`: ``"GO_BP_2022"``, human GO Biological Process built offline by
+  ``scripts/build_go_gene_sets.py``) are read from the package; others from the cache
+  directory, then from the optional offline package ``pyenrichr``, and downloaded (then cached)
+  only when ``allow_network=True``: nothing here touches the network unless asked.
 
 Symbols are upper-cased and deduplicated; sets are filtered by size. Restricting sets to the genes
 the model could see (the background) is the job of the enrichment functions, which know it.
@@ -37,6 +39,11 @@ __all__ = ["GeneSetsUnavailableError", "gene_sets"]
 
 #: Gene sets as name -> genes.
 GeneSetsLike = Mapping[str, Iterable[str]]
+#: Folder of the gene-set libraries shipped with sctranscoder (``<name>.gmt.gz`` and the
+#: provenance ``<name>.json``: sources, their dates and licences, the command that made it).
+SHIPPED_DIR = Path(__file__).parent / "datasets" / "genesets"
+#: Libraries shipped with sctranscoder, read offline by name.
+SHIPPED = ("GO_BP_2022",)
 
 #: Prefix of data-derived marker sets: ``"markers:<obs column>"``.
 MARKERS_PREFIX = "markers:"
@@ -365,6 +372,8 @@ def _pyenrichr_file(name: str) -> Path | None:
 def _named_library(
     name: str, *, cache_dir: str | os.PathLike | None, allow_network: bool
 ) -> dict[str, list[str]]:
+    if name in SHIPPED:
+        return read_gmt(SHIPPED_DIR / f"{name}.gmt.gz")
     cache = _cache_file(name, cache_dir)
     if cache.is_file():
         return read_gmt(cache)
@@ -387,8 +396,10 @@ def _named_library(
             f"The network was not used (allow_network=False). To fix: on a machine with network, "
             f"call gene_sets({name!r}, allow_network=True) once to download and cache it (then "
             f"copy {str(cache)!r} here); or `pip install pyenrichr` (offline Enrichr libraries: "
-            f"GO_Biological_Process_2023, KEGG_2021_Human, ...; licence CC BY-NC-SA 4.0); or pass a "
-            "GMT path, a dict, a decoupler net or 'markers:<obs column>' instead."
+            f"GO_Biological_Process_2023, KEGG_2021_Human, ...; licence CC BY-NC-SA 4.0); or use a "
+            f"library shipped with sctranscoder ({', '.join(SHIPPED)}: human GO Biological "
+            "Process, offline); or pass a GMT path, a dict, a decoupler net or "
+            "'markers:<obs column>' instead."
         )
     sets = _download(name)
     write_gmt(sets, cache, description=name)
