@@ -13,7 +13,9 @@ Each set is one GO BP term, named ``"<term name> (GO:nnnnnnn)"`` (Enrichr's styl
 official symbols of the genes annotated to it or to any descendant term, with every evidence
 code except ``ND`` (no biological data available); sets outside ``[min_size, max_size]`` genes
 are left out. Writes the gzipped GMT and a JSON of its provenance (source dates, licences, the
-command, the counts) beside it. GO is CC BY 4.0; NCBI Gene is in the public domain.
+command, the counts) beside it, and ``<name>.aliases.tsv.gz``: the unambiguous aliases (outdated
+symbols) of the genes in the sets, by which data that still uses them is matched. GO is
+CC BY 4.0; NCBI Gene is in the public domain.
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ def go_bp_sets(
         f"{names[go_id]} ({go_id})": sorted(genes)
         for go_id, genes in sorted(members.items())
         if min_size <= len(genes) <= max_size
+    }
+
+
+def unambiguous_aliases(org: sqlite3.Connection, symbols: set[str]) -> dict[str, str]:
+    """Outdated or alternative symbol -> official symbol, for the genes of ``symbols``: only
+    aliases of exactly one gene that are no gene's official symbol (upper-cased).
+    """
+    official = {s.upper() for (s,) in org.execute("SELECT symbol FROM gene_info")}
+    genes: dict[str, set[str]] = {}
+    rows = org.execute(
+        "SELECT a.alias_symbol, g.symbol FROM alias a JOIN gene_info g ON a._id = g._id"
+    )
+    for alias, symbol in rows:
+        genes.setdefault(alias.upper(), set()).add(symbol)
+    return {
+        alias: next(iter(of))
+        for alias, of in sorted(genes.items())
+        if len(of) == 1 and alias not in official and next(iter(of)) in symbols
     }
 
 
@@ -144,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     gmt = args.out / f"{NAME}.gmt.gz"
     with gzip.GzipFile(gmt, "wb", mtime=0) as fh:  # mtime 0: the same bytes every time
         fh.write(text)
+    aliases = unambiguous_aliases(org, {g for genes in sets.values() for g in genes})
+    with gzip.GzipFile(args.out / f"{NAME}.aliases.tsv.gz", "wb", mtime=0) as fh:
+        fh.write("".join(f"{a}\t{s}\n" for a, s in aliases.items()).encode())
     facts = provenance(
         org,
         go,
@@ -154,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         n_sets=len(sets),
         n_genes=len({g for genes in sets.values() for g in genes}),
         sha256_of_uncompressed_gmt=hashlib.sha256(text).hexdigest(),
+        n_aliases=len(aliases),
     )
     (args.out / f"{NAME}.json").write_text(json.dumps(facts, indent=2) + "\n")
     if args.slice is not None:  # every 750th set: small, large, deep and shallow terms

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import scanpy as sc
 
-from sctranscoder._genesets import SHIPPED_DIR, gene_sets, read_gmt
+from sctranscoder._genesets import (
+    SHIPPED_DIR,
+    gene_sets,
+    gene_sets_in_background,
+    match_aliases,
+    read_gmt,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICE = Path(__file__).parent / "data" / "go_bp_slice.sqlite"
@@ -66,3 +72,21 @@ def test_go_bp_2022_is_read_offline_by_name_and_covers_the_pbmc_genes():
     pbmc = sc.datasets.pbmc68k_reduced()
     covered = set(pbmc.raw.var_names.str.upper()) & {g for s in sets.values() for g in s}
     assert len(covered) > 0.8 * pbmc.raw.n_vars
+
+
+def test_outdated_symbols_of_the_data_are_matched_through_the_alias_table():
+    sets = gene_sets("GO_BP_2022", min_size=1, max_size=10**9)
+    with_atp5f1b = [n for n, g in sets.items() if "ATP5F1B" in g]
+    assert with_atp5f1b
+    # pbmc68k_reduced names ATP5F1B by its old symbol ATP5B
+    background = list(sc.datasets.pbmc68k_reduced().raw.var_names)
+    assert "ATP5B" in background
+    assert "ATP5F1B" not in background
+    matched, renamed = match_aliases(sets, background, "GO_BP_2022")
+    assert renamed["ATP5F1B"] == "ATP5B"
+    assert all("ATP5B" in matched[n] and "ATP5F1B" not in matched[n] for n in with_atp5f1b)
+    assert len(renamed) == 41  # of the 765 genes, 644 are in a set by symbol, 41 more by alias
+    # a background with the official symbol keeps it; nothing is renamed without a match
+    _, none = match_aliases(sets, ["ATP5F1B", "ATP5B"], "GO_BP_2022")
+    assert "ATP5F1B" not in none
+    assert gene_sets_in_background("GO_BP_2022", background, min_size=5, max_size=500)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+from scanpy import logging as logg
 
 from ._logging import quiet_scanpy
 from .core.files import write_text_atomic
@@ -525,8 +526,41 @@ def gene_sets_in_background(
 ) -> dict[str, list[str]]:
     """:func:`gene_sets`, each set cut to the ``background`` genes, then filtered by size.
 
+    For a library shipped with sctranscoder, genes the background names by an outdated symbol
+    are matched through the library's alias table (:func:`match_aliases`).
+
     Raises a ``ValueError`` when no set keeps ``min_size`` to ``max_size`` background genes
     (usually different symbols or organism).
     """
     sets = gene_sets(source, adata=adata, min_size=1, max_size=10**9, allow_network=allow_network)
+    background = list(background)
+    if isinstance(source, str) and source in SHIPPED:
+        sets, renamed = match_aliases(sets, background, source)
+        if renamed:
+            logg.info(
+                f"    {len(renamed)} genes of the data matched to {source} by an outdated symbol "
+                f"(e.g. {', '.join(f'{a} for {s}' for s, a in list(renamed.items())[:3])})"
+            )
     return restrict_sets(sets, background_index(background), min_size, max_size)
+
+
+def match_aliases(
+    sets: Mapping[str, list[str]], background: Iterable[str], library: str
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """``sets`` with each official symbol that the ``background`` lacks replaced by the one
+    outdated symbol (alias) of that gene the background has, from the shipped ``library``'s
+    alias table (aliases of exactly one gene, never another gene's symbol); and the renames,
+    official -> alias. A gene with two such aliases in the background is left as it is.
+    """
+    table = SHIPPED_DIR / f"{library}.aliases.tsv.gz"
+    if not table.is_file():
+        return dict(sets), {}
+    present = {clean_symbol(g) for g in background}
+    found: dict[str, list[str]] = {}
+    with gzip.open(table, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            alias, symbol = line.rstrip("\n").split("\t")
+            if alias in present and symbol not in present:
+                found.setdefault(symbol, []).append(alias)
+    renamed = {s: a[0] for s, a in found.items() if len(a) == 1}
+    return {n: [renamed.get(g, g) for g in genes] for n, genes in sets.items()}, renamed
