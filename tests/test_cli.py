@@ -119,7 +119,8 @@ def test_pipeline_from_a_raw_file(pipeline):
         assert code == 0, f"{name}: {err[-2000:]}"
     assert runs["sentences"][1]["written"]["obs"] == ["cell_sentence", "cell_sentence_n_genes"]
     assert runs["train"][1]["written"] == {"uns": ["sct"], "obs": ["sct_split"], "obsm": []}
-    assert runs["trace"][1]["written"]["uns"] == [f"circuit_{cell}"]
+    # the circuit, and its enrichment against the shipped GO sets (gene_sets="auto")
+    assert runs["trace"][1]["written"]["uns"] == [f"circuit_{cell}", f"circuit_{cell}_enrichment"]
     assert runs["annotate"][1]["written"]["uns"] == ["sct_annotation"]
     adata = sc.read_h5ad(files["n"])
     params = adata.uns["sct"]["params"]

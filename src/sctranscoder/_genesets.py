@@ -534,11 +534,12 @@ def gene_sets_in_background(
     """
     sets = gene_sets(source, adata=adata, min_size=1, max_size=10**9, allow_network=allow_network)
     background = list(background)
-    if isinstance(source, str) and source in SHIPPED:
-        sets, renamed = match_aliases(sets, background, source)
+    library = source if isinstance(source, str) else getattr(source, "source", None)
+    if library in SHIPPED:
+        sets, renamed = match_aliases(sets, background, library)
         if renamed:
             logg.info(
-                f"    {len(renamed)} genes of the data matched to {source} by an outdated symbol "
+                f"    {len(renamed)} genes of the data matched to {library} by an outdated symbol "
                 f"(e.g. {', '.join(f'{a} for {s}' for s, a in list(renamed.items())[:3])})"
             )
     return restrict_sets(sets, background_index(background), min_size, max_size)

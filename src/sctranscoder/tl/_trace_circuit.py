@@ -10,6 +10,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from .._constants import Key, is_feature_name, loose_feature_name
+from .._genesets import SHIPPED
 from .._genesets import gene_sets as load_gene_sets
 from .._records import (
     cell_prompts,
@@ -57,7 +58,7 @@ def trace_circuit(
     edge_threshold: float = 0.98,
     batch_size: int = 32,
     head_nodes: Sequence[str] = ("target",),
-    gene_sets=None,
+    gene_sets="auto",
     n_top: int = 25,
     allow_network: bool = False,
     sentence_key: str | None = None,
@@ -114,9 +115,12 @@ def trace_circuit(
         node costs about as much as exploring one feature per attention head of the layers
         below it (384 heads for C2S-Pythia-410m, 208 for C2S-Scale-Gemma-2-2B).
     gene_sets
-        If given, the circuit's top ``n_top`` genes are tested against these gene sets (see
+        The circuit's top ``n_top`` genes are tested against these gene sets (see
         :func:`circuit_enrichment` for the sources and the test), into
-        ``adata.uns[f"{key_added}_enrichment"]``.
+        ``adata.uns[f"{key_added}_enrichment"]``. ``"auto"`` (default): the human GO
+        Biological Process sets shipped with sctranscoder (``"GO_BP_2022"``, offline) when the
+        sentences are of Homo sapiens, and no enrichment otherwise; a circuit whose genes no set
+        covers is then written without enrichment, with a warning. ``None``: no enrichment.
     n_top
         Genes tested for enrichment.
     allow_network
@@ -214,8 +218,9 @@ def trace_circuit(
             "pass key_added= to keep both, or overwrite=True to replace it and remove what was "
             f"derived from it ({_derived(adata, record_key)})."
         )
+    auto = isinstance(gene_sets, str) and gene_sets == "auto"
     sets = None
-    if gene_sets is not None:  # resolved first (the loaded sets remember their source)
+    if gene_sets is not None and not auto:  # resolved first (the loaded sets remember their source)
         sets = load_gene_sets(
             gene_sets, adata=adata, min_size=1, max_size=10**9, allow_network=allow_network
         )
@@ -224,6 +229,8 @@ def trace_circuit(
     (genes,), model = cell_prompts(
         adata[[cell]], sentence_key, model, trained=transcoder_record(adata, key)["model"]
     )
+    if auto:
+        sets = _default_gene_sets(model.settings.organism)
     tgt, answer_ids, target_info = resolve_target(
         model, genes, target, label_token=label_token, subtract_mean=subtract_mean
     )
@@ -286,9 +293,14 @@ def trace_circuit(
         "scores": scores,
     }
     # enrichment before anything is written: a failing test leaves adata as it was
-    enriched = (
-        None if sets is None else enrich_circuit(adata, record_key, circuit, sets, n_top=n_top)
-    )
+    enriched = None
+    if sets is not None:
+        try:
+            enriched = enrich_circuit(adata, record_key, circuit, sets, n_top=n_top)
+        except ValueError as err:
+            if not auto:
+                raise
+            logg.warning(f"the circuit is written without enrichment: {err}")
     if copy:
         adata = adata.copy()
     if record_key in adata.uns:
@@ -307,6 +319,18 @@ def trace_circuit(
         + " (adata.uns)",
     )
     return adata if copy else None
+
+
+#: The gene sets of ``gene_sets="auto"`` (human sentences).
+GO_BP = SHIPPED[0]
+
+
+def _default_gene_sets(organism: str):
+    """The shipped GO Biological Process sets for human sentences, else None (logged)."""
+    if str(organism).strip().lower() in ("homo sapiens", "human"):
+        return load_gene_sets(GO_BP, min_size=1, max_size=10**9)
+    logg.info(f"    no gene sets shipped for {organism}: pass gene_sets= to annotate the circuit")
+    return None
 
 
 def _derived(adata: AnnData, key: str) -> str:
