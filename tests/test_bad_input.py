@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import MARKERS
 
@@ -123,6 +124,20 @@ WRITERS = {
     "tl.feature_connections": lambda a, c, k: tl.feature_connections(a, c["feature"], key_added=k),
     "tl.random_model_baseline": lambda a, c, k: tl.random_model_baseline(
         a, key_added=k, progress=False
+    ),
+    "tl.neuron_baseline": lambda a, c, k: tl.neuron_baseline(a, key_added=k, progress=False),
+    "tl.cell_embeddings": lambda a, c, k: tl.cell_embeddings(a, key_added=k, progress=False),
+    "tl.train_sae": lambda a, c, k: tl.train_sae(
+        a, use_rep="X_pca", n_steps=3, batch_size=32, key_added=k, progress=False
+    ),
+    "tl.sae_sweep": lambda a, c, k: tl.sae_sweep(
+        a,
+        use_rep="X_pca",
+        expansion_factors=(1,),
+        n_steps=3,
+        batch_size=32,
+        key_added=k,
+        progress=False,
     ),
     "load_transcoders": lambda a, c, k: sct.load_transcoders(
         sct.save_transcoders(a, c["tmp"] / "tc"), a, key_added=k
@@ -847,6 +862,267 @@ add(
     lambda a, c: tl.random_model_baseline(a, n_tokens=0, progress=False),
     ValueError,
     "n_tokens",
+)
+
+
+# -- tl.feature_stability, tl.probe and their plots ------------------------------------------------
+# (section stability-probe)
+_COPY = object()
+
+
+def _stab(a, other=_COPY, **kw):
+    return tl.feature_stability(a, a.copy() if other is _COPY else other, progress=False, **kw)
+
+
+def _on_other_model(a):
+    b = a.copy()
+    b.uns["sct"] = {**b.uns["sct"], "model": {**b.uns["sct"]["model"], "fingerprint": "0" * 16}}
+    return b
+
+
+def _without(a, key):
+    b = a.copy()
+    del b.uns[key]
+    return b
+
+
+def _without_raw(a):
+    b = a.copy()
+    del b.raw
+    return b
+
+
+def _unlabelled(a):
+    b = a.copy()
+    b.obs["partly"] = np.where(np.arange(b.n_obs) % 2, "x", None)
+    return b
+
+
+def _probe(a, **kw):
+    return tl.probe(a, **{"groupby": "bulk_labels", "n_splits": 2, "progress": False, **kw})
+
+
+for _name, _call in {
+    "tl.feature_stability": lambda a, c, k: _stab(a, key_added=k),
+    "tl.probe": lambda a, c, k: _probe(a, key_added=k),
+}.items():
+    for _kind, _key in BAD_KEYS.items():
+        add(
+            _name,
+            f"key_added-{_kind}",
+            lambda a, c, f=_call, k=_key: f(a, c, k),
+            ValueError,
+            KEY_MATCH,
+        )
+    add(
+        _name,
+        "key_added-taken",
+        lambda a, c, f=_call: f(a, c, "neighbors"),
+        ValueError,
+        "would replace adata.uns\\['neighbors'\\]",
+    )
+for _kind, _call, _error, _match in (
+    ("other-str", lambda a: _stab(a, other="x.h5ad"), TypeError, "other takes the AnnData"),
+    ("other_key-none", lambda a: _stab(a, other=None), ValueError, "Name the second"),
+    (
+        "other_key-same",
+        lambda a: _stab(a, other=None, other_key="sct"),
+        ValueError,
+        "matched to itself",
+    ),
+    ("other_key-missing", lambda a: _stab(a, other_key="nope"), KeyError, "train_transcoders"),
+    (
+        "other-model",
+        lambda a: _stab(a, other=_on_other_model(a)),
+        ValueError,
+        "different base models",
+    ),
+    ("layers-absent", lambda a: _stab(a, layers=[7]), KeyError, "not in both sets"),
+    ("layers-str", lambda a: _stab(a, layers=["2"]), TypeError, "layer numbers"),
+    (
+        "live_only-str",
+        lambda a: _stab(a, live_only="yes"),
+        TypeError,
+        "live_only must be True, False or None",
+    ),
+    (
+        "live_only-no-activations",
+        lambda a: _stab(a, other=_without(a, "sct_activations"), live_only=True),
+        KeyError,
+        "live_only=True needs",
+    ),
+    (
+        "n_baseline-zero",
+        lambda a: _stab(a, n_baseline=0),
+        ValueError,
+        "n_baseline must be a positive integer",
+    ),
+    (
+        "max_features-small",
+        lambda a: _stab(a, max_features=10),
+        ValueError,
+        "exceed max_features=10",
+    ),
+    ("seed-negative", lambda a: _stab(a, seed=-1), ValueError, "seed must be a non-negative"),
+    ("copy-str", lambda a: _stab(a, copy="yes"), TypeError, "copy must be True or False"),
+):
+    add("tl.feature_stability", _kind, lambda a, c, f=_call: f(a), _error, _match)
+for _kind, _call, _error, _match in (
+    ("groupby-missing", lambda a: _probe(a, groupby="nope"), KeyError, "No column 'nope'"),
+    (
+        "groupby-list",
+        lambda a: _probe(a, groupby=["bulk_labels"]),
+        TypeError,
+        "groupby must be an adata.obs column",
+    ),
+    (
+        "groupby-unlabelled",
+        lambda a: _probe(_unlabelled(a), groupby="partly"),
+        ValueError,
+        "have no 'partly' label",
+    ),
+    (
+        "groupby-small-groups",
+        lambda a: _probe(a, n_splits=5),
+        ValueError,
+        "fewer than n_splits=5 cells",
+    ),
+    ("use_rep-unknown", lambda a: _probe(a, use_rep="X_nope"), KeyError, "not in adata.obsm"),
+    ("use_rep-int", lambda a: _probe(a, use_rep=3), TypeError, "use_rep takes an obsm key"),
+    ("use_rep-empty", lambda a: _probe(a, use_rep=[]), ValueError, "use_rep is empty"),
+    (
+        "use_rep-raw-absent",
+        lambda a: _probe(_without_raw(a), use_rep="raw"),
+        KeyError,
+        "adata.raw is None",
+    ),
+    (
+        "use_rep-default-no-activations",
+        lambda a: _probe(_without(a, "sct_activations")),
+        KeyError,
+        "feature_activations",
+    ),
+    ("n_splits-one", lambda a: _probe(a, n_splits=1), ValueError, "at least 2"),
+    ("C-zero", lambda a: _probe(a, C=0), ValueError, "C must be a positive finite"),
+    ("C-inf", lambda a: _probe(a, C=float("inf")), ValueError, "C must be a positive finite"),
+    (
+        "n_nonzero-zero",
+        lambda a: _probe(a, n_nonzero=0),
+        ValueError,
+        "n_nonzero must be a positive integer",
+    ),
+    (
+        "max_iter-float",
+        lambda a: _probe(a, max_iter=10.5),
+        ValueError,
+        "max_iter must be a positive integer",
+    ),
+    ("seed-str", lambda a: _probe(a, seed="0"), ValueError, "seed must be a non-negative"),
+):
+    add("tl.probe", _kind, lambda a, c, f=_call: f(a), _error, _match)
+for _fn, _kind, _call, _error, _match in (
+    (
+        "pl.feature_stability",
+        "key-missing",
+        lambda a: pl.feature_stability(a, stability_key="nope", show=False),
+        KeyError,
+        "feature_stability",
+    ),
+    (
+        "pl.feature_stability",
+        "ax-str",
+        lambda a: pl.feature_stability(a, ax="ax", show=False),
+        TypeError,
+        "ax must be a matplotlib Axes",
+    ),
+    (
+        "pl.feature_stability",
+        "bins-zero",
+        lambda a: pl.feature_stability(a, bins=0, show=False),
+        ValueError,
+        "bins must be a positive integer",
+    ),
+    (
+        "pl.feature_stability",
+        "save-path",
+        lambda a: pl.feature_stability(a, save="a/b.png"),
+        ValueError,
+        "path separator",
+    ),
+    (
+        "pl.probe",
+        "key-missing",
+        lambda a: pl.probe(a, probe_key="nope", show=False),
+        KeyError,
+        "sct.tl.probe",
+    ),
+    (
+        "pl.probe",
+        "metric-unknown",
+        lambda a: pl.probe(a, metric="f1", show=False),
+        ValueError,
+        "metric must be 'accuracy' or 'balanced_accuracy'",
+    ),
+):
+    add(_fn, _kind, lambda a, c, f=_call: f(a), _error, _match)
+
+# -- tl.neuron_baseline and its columns in get/pl.interpretability ---------------------------------
+# (section neurons)
+add(
+    "tl.neuron_baseline",
+    "annotation_key-missing",
+    lambda a, c: tl.neuron_baseline(a, annotation_key="nope", progress=False),
+    KeyError,
+    "annotate_features",
+)
+add(
+    "tl.neuron_baseline",
+    "keep_activations-str",
+    lambda a, c: tl.neuron_baseline(a, keep_activations="yes", progress=False),
+    TypeError,
+    "keep_activations must be True or False",
+)
+add(
+    "tl.neuron_baseline",
+    "batch_size-zero",
+    lambda a, c: tl.neuron_baseline(a, batch_size=0, progress=False),
+    ValueError,
+    "batch_size must be a positive integer",
+)
+add(
+    "tl.neuron_baseline",
+    "model-int",
+    lambda a, c: tl.neuron_baseline(a, 123, progress=False),
+    TypeError,
+    "model must be a C2SModel",
+)
+add(
+    "tl.neuron_baseline",
+    "copy-str",
+    lambda a, c: tl.neuron_baseline(a, copy="yes", progress=False),
+    TypeError,
+    "copy must be True or False",
+)
+add(
+    "get.interpretability",
+    "neurons_key-annotation",
+    lambda a, c: get.interpretability(a, neurons_key="sct_annotation"),
+    ValueError,
+    "not a neuron baseline",
+)
+add(
+    "get.interpretability",
+    "neurons_key-missing",
+    lambda a, c: get.interpretability(a, neurons_key="nope"),
+    KeyError,
+    "neuron_baseline",
+)
+add(
+    "pl.interpretability",
+    "neurons_key-missing",
+    lambda a, c: pl.interpretability(a, neurons_key="nope", show=False),
+    KeyError,
+    "neuron_baseline",
 )
 
 # -- reading results: sct.get ----------------------------------------------------------------------
@@ -1685,6 +1961,346 @@ add(
     ValueError,
     "at most 200",
 )
+
+
+# -- tl.cell_embeddings, tl.train_sae, tl.sae_sweep, tl.concept_attribution and their get/pl ------
+# (section sae)
+def _on_sae(a, call):
+    """``call(b)`` on a copy ``b`` of ``a`` with a small SAE on ``X_pca``; ``b`` must be left as
+    it was when the call raises (the copy keeps ``a`` itself unchanged for the common check).
+    """
+    b = a.copy()
+    tl.train_sae(
+        b, use_rep="X_pca", expansion_factor=1, k=2, n_steps=3, batch_size=32, progress=False
+    )
+    before = _state(b)
+    try:
+        call(b)
+    finally:
+        assert _state(b) == before, "the call changed the AnnData before failing"
+
+
+def _nan_pca(a):
+    b = a.copy()
+    b.obsm["X_pca"] = b.obsm["X_pca"].copy()
+    b.obsm["X_pca"][3, 0] = np.nan
+    return b
+
+
+def _pca_encoder(a):
+    return np.zeros((a.n_obs, 50), dtype=np.float32)
+
+
+_ce, _sae, _sweep, _ca = tl.cell_embeddings, tl.train_sae, tl.sae_sweep, tl.concept_attribution
+_SAE = {"n_steps": 3, "batch_size": 32, "progress": False}
+for _fn, _kind, _call, _error, _match in (
+    ("tl.cell_embeddings", "pool-max", lambda a: _ce(a, pool="max"), ValueError, "pool must be"),
+    ("tl.cell_embeddings", "layer-9", lambda a: _ce(a, layer=9), ValueError, "does not exist"),
+    ("tl.cell_embeddings", "layer-str", lambda a: _ce(a, layer="2"), TypeError, "layer number"),
+    (
+        "tl.cell_embeddings",
+        "batch_size-0",
+        lambda a: _ce(a, batch_size=0),
+        ValueError,
+        "batch_size",
+    ),
+    (
+        "tl.cell_embeddings",
+        "key_added-user-obsm",
+        lambda a: _ce(a, key_added="umap"),
+        ValueError,
+        r"would replace adata.obsm\['X_umap'\]",
+    ),
+    (
+        "tl.cell_embeddings",
+        "sentence_key-missing",
+        lambda a: _ce(a, sentence_key="nope", progress=False),
+        KeyError,
+        "cell_sentences",
+    ),
+    ("tl.train_sae", "use_rep-missing", lambda a: _sae(a, use_rep="X_scVI"), KeyError, "not found"),
+    ("tl.train_sae", "use_rep-none", lambda a: _sae(a, use_rep=None), TypeError, "name an entry"),
+    (
+        "tl.train_sae",
+        "use_rep-nan",
+        lambda a: _sae(_nan_pca(a), use_rep="X_pca", **_SAE),
+        ValueError,
+        "NaN or infinite values in 1 cells",
+    ),
+    (
+        "tl.train_sae",
+        "k-above-concepts",
+        lambda a: _sae(a, use_rep="X_pca", expansion_factor=1, k=51, **_SAE),
+        ValueError,
+        "smaller k or a larger expansion_factor",
+    ),
+    (
+        "tl.train_sae",
+        "expansion_factor-0",
+        lambda a: _sae(a, use_rep="X_pca", expansion_factor=0, **_SAE),
+        ValueError,
+        "expansion_factor",
+    ),
+    (
+        "tl.train_sae",
+        "n_steps-0",
+        lambda a: _sae(a, use_rep="X_pca", n_steps=0),
+        ValueError,
+        "n_steps",
+    ),
+    (
+        "tl.train_sae",
+        "validation_fraction-1",
+        lambda a: _sae(a, use_rep="X_pca", validation_fraction=1.0, **_SAE),
+        ValueError,
+        "validation_fraction",
+    ),
+    ("tl.train_sae", "lr-negative", lambda a: _sae(a, use_rep="X_pca", lr=-1.0), ValueError, "lr"),
+    (
+        "tl.train_sae",
+        "device-gpu",
+        lambda a: _sae(a, use_rep="X_pca", device="gpu"),
+        ValueError,
+        "not a device of this machine",
+    ),
+    (
+        "tl.train_sae",
+        "key_added-over-use_rep",
+        lambda a: _sae(a, use_rep="X_umap", k=2, key_added="umap", **_SAE),
+        ValueError,
+        "over the embedding",
+    ),
+    (
+        "tl.train_sae",
+        "key_added-user-obsm",
+        lambda a: _sae(a, use_rep="X_pca", key_added="umap", **_SAE),
+        ValueError,
+        r"would replace adata.obsm\['X_umap'\]",
+    ),
+    (
+        "tl.sae_sweep",
+        "expansion_factors-empty",
+        lambda a: _sweep(a, use_rep="X_pca", expansion_factors=()),
+        ValueError,
+        "distinct positive integers",
+    ),
+    (
+        "tl.sae_sweep",
+        "expansion_factors-repeated",
+        lambda a: _sweep(a, use_rep="X_pca", expansion_factors=(2, 2)),
+        ValueError,
+        "distinct positive integers",
+    ),
+    (
+        "tl.sae_sweep",
+        "k-above-concepts",
+        lambda a: _sweep(a, use_rep="X_pca", expansion_factors=(1, 2), k=60),
+        ValueError,
+        "smaller k",
+    ),
+    (
+        "tl.sae_sweep",
+        "use_rep-missing",
+        lambda a: _sweep(a, use_rep="X_c2s"),
+        KeyError,
+        "not found",
+    ),
+    ("tl.concept_attribution", "no-sae", lambda a: _ca(a), KeyError, "sct.tl.train_sae"),
+    (
+        "tl.concept_attribution",
+        "encoder-missing",
+        lambda a: _on_sae(a, lambda b: _ca(b)),
+        ValueError,
+        "pass `encoder=`",
+    ),
+    (
+        "tl.concept_attribution",
+        "encoder-str",
+        lambda a: _on_sae(a, lambda b: _ca(b, encoder="scvi")),
+        TypeError,
+        "encoder must be a function",
+    ),
+    (
+        "tl.concept_attribution",
+        "encoder-wrong-shape",
+        lambda a: _on_sae(a, lambda b: _ca(b, encoder=lambda x: np.zeros((x.n_obs, 3)))),
+        ValueError,
+        "encoder returned shape",
+    ),
+    (
+        "tl.concept_attribution",
+        "model-and-encoder",
+        lambda a: _on_sae(a, lambda b: _ca(b, "m", encoder=_pca_encoder)),
+        ValueError,
+        "not both",
+    ),
+    (
+        "tl.concept_attribution",
+        "cells-unknown",
+        lambda a: _on_sae(a, lambda b: _ca(b, encoder=_pca_encoder, cells=["nope"])),
+        KeyError,
+        "not in adata.obs_names",
+    ),
+    (
+        "tl.concept_attribution",
+        "genes-empty",
+        lambda a: _on_sae(a, lambda b: _ca(b, encoder=_pca_encoder, genes=[])),
+        ValueError,
+        "non-empty list of gene names",
+    ),
+    (
+        "tl.concept_attribution",
+        "genes-unknown",
+        lambda a: _on_sae(a, lambda b: _ca(b, encoder=_pca_encoder, genes=["NOTAGENE"])),
+        KeyError,
+        "adata.var_names",
+    ),
+    (
+        "tl.concept_attribution",
+        "n_top_genes-0",
+        lambda a: _on_sae(a, lambda b: _ca(b, encoder=_pca_encoder, n_top_genes=0)),
+        ValueError,
+        "n_top_genes",
+    ),
+    (
+        "tl.concept_attribution",
+        "layer-missing",
+        lambda a: _on_sae(a, lambda b: _ca(b, encoder=_pca_encoder, layer="counts")),
+        KeyError,
+        "counts",
+    ),
+    (
+        "tl.concept_attribution",
+        "key_added-slash",
+        lambda a: _on_sae(a, lambda b: _ca(b, encoder=_pca_encoder, key_added="a/b")),
+        ValueError,
+        KEY_MATCH,
+    ),
+    (
+        "get.concept_attribution",
+        "before-attribution",
+        lambda a: _on_sae(a, lambda b: get.concept_attribution(b)),
+        KeyError,
+        "run `sct.tl.concept_attribution",
+    ),
+    (
+        "get.concept_attribution",
+        "no-sae",
+        lambda a: get.concept_attribution(a),
+        KeyError,
+        "train_sae",
+    ),
+    ("pl.sae_sweep", "keys-missing", lambda a: pl.sae_sweep(a, show=False), KeyError, "sae_sweep"),
+    (
+        "pl.sae_sweep",
+        "keys-empty",
+        lambda a: pl.sae_sweep(a, [], show=False),
+        ValueError,
+        "one or more",
+    ),
+    (
+        "pl.sae_sweep",
+        "labels-mismatch",
+        lambda a: _on_sweep(a, lambda b: pl.sae_sweep(b, labels=["a", "b"], show=False)),
+        ValueError,
+        "one each",
+    ),
+):
+    add(_fn, _kind, lambda a, c, f=_call: f(a), _error, _match)
+
+
+def _on_sweep(a, call):
+    """``call(b)`` on a copy ``b`` of ``a`` with a one-SAE sweep on ``X_pca``."""
+    b = a.copy()
+    tl.sae_sweep(b, use_rep="X_pca", expansion_factors=(1,), k=2, **_SAE)
+    call(b)
+
+
+# -- get.enrichment, and annotate_features' methods, tables and weighted nets ---------------------
+# (section enrichment)
+def _without_tables(a):
+    """A copy of ``a`` whose annotation keeps only the best terms (``tables=False``)."""
+    return tl.annotate_features(a, gene_sets=MARKERS, layers=[LAYER], tables=False, copy=True)
+
+
+_NET = pd.DataFrame(
+    {"source": ["s"] * 6, "target": ["CD3D", "CD3E", "LCK", "CD2", "IL7R", "CD79A"]}
+)
+for _fn, _kind, _call, _error, _match in (
+    ("get.enrichment", "layer-not-computed", lambda a: get.enrichment(a, 9), KeyError, "9"),
+    ("get.enrichment", "layer-str", lambda a: get.enrichment(a, "L2"), TypeError, "layer"),
+    (
+        "get.enrichment",
+        "method-unknown",
+        lambda a: get.enrichment(a, LAYER, method="fisher"),
+        ValueError,
+        "method must be",
+    ),
+    (
+        "get.enrichment",
+        "method-not-run",
+        lambda a: get.enrichment(a, LAYER, method="gsea"),
+        KeyError,
+        "no 'gsea' results",
+    ),
+    (
+        "get.enrichment",
+        "annotation_key-missing",
+        lambda a: get.enrichment(a, LAYER, annotation_key="nope"),
+        KeyError,
+        "annotate_features",
+    ),
+    (
+        "get.enrichment",
+        "annotation_key-other-kind",
+        lambda a: get.enrichment(a, LAYER, annotation_key="sct_activations"),
+        KeyError,
+        "annotation record",
+    ),
+    (
+        "get.enrichment",
+        "no-tables",
+        lambda a: get.enrichment(_without_tables(a), LAYER),
+        KeyError,
+        "tables=True",
+    ),
+    (
+        "tl.annotate_features",
+        "method-list-unknown",
+        lambda a: _annotate(a, method=["ora", "gsea"]),
+        ValueError,
+        "list of",
+    ),
+    (
+        "tl.annotate_features",
+        "method-list-empty",
+        lambda a: _annotate(a, method=[]),
+        ValueError,
+        "method must be",
+    ),
+    (
+        "tl.annotate_features",
+        "tables-str",
+        lambda a: _annotate(a, tables="yes"),
+        TypeError,
+        "tables must be True or False",
+    ),
+    (
+        "tl.annotate_features",
+        "net-weight-nan",
+        lambda a: _annotate(a, gene_sets=_NET.assign(weight=[1, 1, float("nan"), 1, 1, 1])),
+        ValueError,
+        "finite numbers",
+    ),
+    (
+        "tl.annotate_features",
+        "net-weight-str",
+        lambda a: _annotate(a, gene_sets=_NET.assign(weight=["up"] * 6), method="ulm"),
+        ValueError,
+        "finite numbers",
+    ),
+):
+    add(_fn, _kind, lambda a, c, f=_call: f(a), _error, _match)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -16,6 +16,8 @@ __all__ = [
     "NodeType",
     "feature_name",
     "feature_names",
+    "neuron_name",
+    "neuron_names",
     "parse_feature_name",
 ]
 
@@ -31,8 +33,22 @@ class Key:
     rank_features_groups = "rank_features_groups"
     #: ``adata.uns`` record of :func:`sctranscoder.tl.feature_connections`.
     feature_connections = "feature_connections"
+    #: ``adata.uns`` record of C2S's cell embedding (:func:`sctranscoder.tl.cell_embeddings`);
+    #: the embedding is ``adata.obsm[Key.obsm(key)]``.
+    cell_embedding = "c2s"
+    #: ``adata.uns`` record of a sparse autoencoder (:func:`sctranscoder.tl.train_sae`).
+    sae = "sae"
+    #: ``adata.uns`` record of :func:`sctranscoder.tl.sae_sweep`.
+    sae_sweep = "sae_sweep"
     #: ``adata.uns`` container of circuits written by sctranscoder 0.1 (read for compatibility).
     legacy_circuits = "sct_circuits"
+
+    @staticmethod
+    def obsm(key: str) -> str:
+        """``adata.obsm`` key of a per-cell matrix named by record ``key``: ``"X_<key>"`` (an
+        embedding, or an SAE's concept activations), as scanpy names ``X_pca``.
+        """
+        return f"X_{key}"
 
     @staticmethod
     def layer(layer: int) -> str:
@@ -137,6 +153,16 @@ def feature_name(layer: int, feature: int) -> str:
 def feature_names(layer: int, n_features: int) -> list[str]:
     """Names of every feature of a layer, in index order."""
     return [feature_name(layer, j) for j in range(int(n_features))]
+
+
+def neuron_name(layer: int, neuron: int) -> str:
+    """The name of an MLP neuron (a post-activation hidden unit): ``"L<layer>N<index>"``."""
+    return f"L{int(layer)}N{int(neuron)}"
+
+
+def neuron_names(layer: int, n_neurons: int) -> list[str]:
+    """Names of every neuron of a layer's MLP, in index order."""
+    return [neuron_name(layer, j) for j in range(int(n_neurons))]
 
 
 def parse_feature_name(name: str) -> tuple[int, int]:

@@ -4,7 +4,9 @@
 
 - a ``dict`` of name -> genes;
 - a GMT file (``name<TAB>description<TAB>gene<TAB>gene...``, optionally ``.gz``);
-- a decoupler net (``DataFrame`` with ``source`` and ``target`` columns);
+- a decoupler net (``DataFrame`` with ``source`` and ``target`` columns, and an optional
+  ``weight`` column that is kept: :attr:`GeneSets.weights`, used by the methods that take
+  weights, such as decoupler's ULM);
 - ``"markers:<obs column>"``: top markers per group, computed from the data;
 - a named library (``"KEGG_2021_Human"``, ``"GO_Biological_Process_2023"``, ...; or
   ``"omnipath:hallmark"`` etc. for decoupler's OmniPath resources). Libraries shipped with
@@ -27,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
@@ -69,12 +72,53 @@ class GeneSets(dict):
     """Gene sets ``{name: [SYMBOL, ...]}`` that remember where they came from (``source``: a
     name or path as given, or the type of the object), so that a tool given already loaded sets
     records their origin, not ``"dict"``.
+
+    ``weights``: ``{name: {SYMBOL: weight}}`` for every gene of every set when the source was a
+    decoupler net with a ``weight`` column (signed regulons such as CollecTRI's, ``+1``/``-1``,
+    or any real weights), else ``None``. Restricting the sets to a background
+    (:func:`restrict_sets`) keeps the weights of the genes that remain.
     """
 
-    def __init__(self, sets: Mapping[str, list[str]], source: str, *, reloadable: bool = False):
+    def __init__(
+        self,
+        sets: Mapping[str, list[str]],
+        source: str,
+        *,
+        reloadable: bool = False,
+        weights: Mapping[str, Mapping[str, float]] | None = None,
+    ):
         super().__init__(sets)
         self.source = source
         self.reloadable = reloadable
+        self.weights = (
+            None
+            if weights is None
+            else {name: {g: float(weights[name][g]) for g in genes} for name, genes in sets.items()}
+        )
+
+
+def set_weights(sets: Mapping[str, list[str]]) -> dict[str, dict[str, float]] | None:
+    """The weights of ``sets`` (:attr:`GeneSets.weights`), or ``None`` for unweighted sets."""
+    return getattr(sets, "weights", None)
+
+
+def ignored_weights(sets: Mapping[str, list[str]]) -> str:
+    """What a membership-only method (ORA, GSEA) drops of weighted ``sets``: ``""`` when every
+    weight is 1 (or there are none), else a sentence for a warning.
+    """
+    weights = set_weights(sets)
+    if not weights:
+        return ""
+    values = np.fromiter((w for ws in weights.values() for w in ws.values()), dtype=float)
+    if values.size == 0 or np.all(values == 1.0):
+        return ""
+    negative = int((values < 0).sum())
+    other = int((np.abs(values) != 1.0).sum())
+    return (
+        f"the net's weights are ignored: a target counts as a member of its set whatever its "
+        f"weight ({negative} of {values.size} weights are negative, {other} differ from +1/-1); "
+        "method='ulm' uses them"
+    )
 
 
 class GeneSetsUnavailableError(ConnectionError, ValueError):
@@ -106,7 +150,8 @@ def gene_sets(
         - path to a GMT file (``str`` ending in ``.gmt``/``.gmt.gz``, any existing file, or a
           :class:`~pathlib.Path`);
         - decoupler net: :class:`~pandas.DataFrame` with ``source`` (set) and ``target`` (gene)
-          columns; a ``weight`` column is ignored;
+          columns; a ``weight`` column (finite numbers) is kept as the sets' ``weights`` (a
+          gene named twice in a set keeps its first weight, with a warning when they differ);
         - ``"markers:<obs column>"``: for each group of ``adata.obs[<obs column>]``, its top
           ``n_markers`` genes by :func:`scanpy.tl.rank_genes_groups` (Wilcoxon, one group vs the
           rest, on ``adata.raw`` when present, else ``adata.X``, which should then be
@@ -132,7 +177,8 @@ def gene_sets(
 
     Returns
     -------
-    ``{set name: [upper-case gene symbols, deduplicated, in first-seen order]}``.
+    ``{set name: [upper-case gene symbols, deduplicated, in first-seen order]}`` (a
+    :class:`GeneSets`; with a weighted net, its ``weights`` are ``{set: {symbol: weight}}``).
 
     Raises
     ------
@@ -159,7 +205,12 @@ def gene_sets(
         allow_network=allow_network,
     )
     kept = _filter_sizes(raw, min_size=min_size, max_size=max_size, what=what)
-    return GeneSets(kept, source_name(source), reloadable=is_reloadable(source))
+    return GeneSets(
+        kept,
+        source_name(source),
+        reloadable=is_reloadable(source),
+        weights=set_weights(raw),
+    )
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -175,7 +226,10 @@ def _load(
 ) -> tuple[dict[str, list[str]], str]:
     """Unfiltered, cleaned sets from ``source`` and a short description of it for messages."""
     if isinstance(source, GeneSets):
-        return _from_mapping(source), f"the sets from {source.source}"
+        sets = _from_mapping(source)
+        if source.weights is not None:  # already cleaned: the same symbols
+            sets = GeneSets(sets, source.source, weights=source.weights)
+        return sets, f"the sets from {source.source}"
     if isinstance(source, Mapping):
         return _from_mapping(source), "the dict"
     if isinstance(source, pd.DataFrame):
@@ -232,15 +286,57 @@ def _from_mapping(source: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
 
 
 def _from_net(net: pd.DataFrame) -> dict[str, list[str]]:
+    """The sets of a decoupler net; a :class:`GeneSets` with ``weights`` when it has a
+    ``weight`` column.
+    """
     missing = [c for c in ("source", "target") if c not in net.columns]
     if missing:
         raise ValueError(
             f"a decoupler net needs 'source' (set) and 'target' (gene) columns; missing "
             f"{missing}, found {list(net.columns)}"
         )
-    net = net.loc[net["source"].notna() & net["target"].notna(), ["source", "target"]]
+    weighted = "weight" in net.columns
+    columns = ["source", "target", "weight"] if weighted else ["source", "target"]
+    net = net.loc[net["source"].notna() & net["target"].notna(), columns]
     grouped = net.groupby(net["source"].astype(str), sort=False, observed=True)["target"]
-    return {name: clean_genes(targets) for name, targets in grouped}
+    sets = {name: clean_genes(targets) for name, targets in grouped}
+    if not weighted:
+        return sets
+    return GeneSets(sets, "DataFrame", weights=_net_weights(net))
+
+
+def _net_weights(net: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """``{source: {SYMBOL: weight}}`` of a net: the first weight of each (source, target)."""
+    weight = pd.to_numeric(net["weight"], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(weight).all():
+        bad = net.loc[~np.isfinite(weight)].head(3)
+        raise ValueError(
+            "the net's 'weight' column must hold finite numbers; found "
+            f"{bad[['source', 'target', 'weight']].to_dict('records')}: fix or drop those rows "
+            "(or drop the column for unweighted sets)"
+        )
+    long = pd.DataFrame(
+        {
+            "source": net["source"].astype(str).to_numpy(),
+            "target": [clean_symbol(t) for t in net["target"]],
+            "weight": weight,
+        }
+    )
+    long = long[long["target"] != ""]
+    conflicts = long.groupby(["source", "target"], sort=False)["weight"].nunique()
+    conflicts = conflicts[conflicts > 1]
+    if len(conflicts):  # as for the genes, the first row of a pair counts
+        (source, target), n = conflicts.index[0], int(conflicts.iloc[0])
+        logg.warning(
+            f"the net gives {len(conflicts)} (source, target) pairs more than one weight, e.g. "
+            f"{target!r} in {source!r} ({n} weights): the first row of each pair is used (keep "
+            "one row per pair, e.g. net.drop_duplicates(subset=['source', 'target']), to choose)"
+        )
+    long = long.drop_duplicates(["source", "target"])
+    out: dict[str, dict[str, float]] = {}
+    for source, target, w in zip(long["source"], long["target"], long["weight"], strict=True):
+        out.setdefault(source, {})[target] = float(w)
+    return out
 
 
 def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -447,6 +543,8 @@ def _filter_sizes(
     if min_size > max_size:
         raise ValueError(f"min_size={min_size} is larger than max_size={max_size}")
     kept = {name: genes for name, genes in sets.items() if min_size <= len(genes) <= max_size}
+    if kept and set_weights(sets) is not None:
+        kept = GeneSets(kept, "", weights=set_weights(sets))
     if not kept:
         sizes = [len(g) for g in sets.values()]
         detail = (
@@ -490,7 +588,8 @@ def restrict_sets(
     gene_sets: GeneSetsLike, background: pd.Index, min_size: int = 1, max_size: int | None = None
 ) -> dict[str, list[str]]:
     """Each set cut to the ``background`` genes (in set order), kept with ``min_size`` to
-    ``max_size`` genes there; a ``ValueError`` when none is left.
+    ``max_size`` genes there; a ``ValueError`` when none is left. Weighted sets
+    (:class:`GeneSets` with ``weights``) stay weighted.
     """
     if not isinstance(gene_sets, Mapping):
         raise TypeError(
@@ -505,6 +604,14 @@ def restrict_sets(
         kept = [g for g in clean_genes(genes) if g in in_bg]
         if min_size <= len(kept) and (max_size is None or len(kept) <= max_size):
             out[str(name)] = kept
+    weights = set_weights(gene_sets)
+    if out and weights is not None:
+        out = GeneSets(
+            out,
+            getattr(gene_sets, "source", ""),
+            reloadable=getattr(gene_sets, "reloadable", False),
+            weights=weights,
+        )
     if not out:
         limits = f"min_size={min_size}" + (f" and max_size={max_size}" if max_size else "")
         raise ValueError(
@@ -534,9 +641,20 @@ def gene_sets_in_background(
     """
     sets = gene_sets(source, adata=adata, min_size=1, max_size=10**9, allow_network=allow_network)
     background = list(background)
-    library = source if isinstance(source, str) else getattr(source, "source", None)
+    # a net (DataFrame) has a "source" column, not a library name
+    library = source if isinstance(source, str) else getattr(sets, "source", None)
     if library in SHIPPED:
+        weights = set_weights(sets)
         sets, renamed = match_aliases(sets, background, library)
+        if weights is not None:  # a weighted copy of a shipped library, renamed likewise
+            back = {a: s for s, a in renamed.items()}
+            sets = GeneSets(
+                sets,
+                library,
+                weights={
+                    n: {g: weights[n][back.get(g, g)] for g in genes} for n, genes in sets.items()
+                },
+            )
         if renamed:
             logg.info(
                 f"    {len(renamed)} genes of the data matched to {library} by an outdated symbol "

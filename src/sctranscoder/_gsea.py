@@ -6,11 +6,23 @@ once (every feature of a layer).
   torch kernel is :class:`~sctranscoder.core.prerank.PrerankKernel` (gseapy runs one ranking
   per call: measured in ``benchmarks/README.md``); :func:`best_prerank_terms` picks each
   ranking's best set. ``tests/test_gsea.py`` checks it against gseapy.
+- :func:`prerank_matrices`: the same, as (rankings x sets) matrices and each ranking's best set
+  (what :func:`~sctranscoder.tl.annotate_features` keeps).
+
+Why not :func:`decoupler.mt.gsea`: its walk orders tied scores arbitrarily (a feature's ranking
+is mostly tied zeros, so its ES would depend on the order of genes), it has no ``weight=0``
+(the classic KS steps that feature rankings need, see :func:`prerank_many`) and it reports BH of
+the nominal p-values, not GSEA's FDR q-value. Speed is no strong reason either way on GO BP
+(1,892 sets of 107 sizes, 200 permutations, ``weight=1``, 8 feature rankings): ours 0.74 s per
+ranking against decoupler's 1.02 s, and 1.07 s against gseapy's 1.58 s in a second run
+(``benchmarks/results/enrichment_kernels_go_cpu.json``, a busy 2-core machine). With the 10
+marker sets of pbmc68k_reduced ours is 29x faster than gseapy: sets of one size share one null.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -22,7 +34,7 @@ from ._genesets import GeneSetsLike, clean_genes, clean_symbol, restrict_sets
 from ._logging import quiet_third_party_logs
 from .core.prerank import PrerankKernel
 
-__all__ = ["best_prerank_terms", "prerank", "prerank_many"]
+__all__ = ["best_prerank_terms", "prerank", "prerank_many", "prerank_matrices"]
 
 
 def prerank(
@@ -232,75 +244,25 @@ def prerank_many(
     """
     if report not in ("all", "best"):
         raise ValueError(f"report must be 'all' or 'best', got {report!r}")
-    permutations = int(permutations)
-    if permutations < 1:
-        raise ValueError(f"permutations must be positive, got {permutations}")
-    if not np.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight must be a finite non-negative number, got {weight}")
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if threads is not None and int(threads) < 1:
-        raise ValueError(f"threads must be positive, got {threads}")
-    labels = [clean_symbol(g) for g in genes]
-    bg = pd.Index(labels)
-    if bg.empty:
-        raise ValueError("genes is empty")
-    if bg.has_duplicates:
-        dups = bg[bg.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"genes has duplicated symbols (after upper-casing), e.g. {dups}")
-    X = scores if sp.issparse(scores) else np.asarray(scores, dtype=float)
-    if X.ndim != 2 or X.shape[1] != len(bg):
-        raise ValueError(
-            f"scores must be a (queries x genes) matrix with {len(bg)} columns, got shape {X.shape}"
-        )
-    X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else X
-    values = X.data if sp.issparse(X) else X
-    if not np.isfinite(values).all():
-        raise ValueError("scores must be finite (no NaN or inf)")
-    n_queries, N = X.shape
-    names = np.arange(n_queries) if query_names is None else np.asarray(query_names, dtype=object)
-    if len(names) != n_queries:
-        raise ValueError(f"{len(names)} query_names for {n_queries} queries")
-    sets = {
-        t: g
-        for t, g in restrict_sets(gene_sets, bg, min_size).items()
-        if len(g) <= max_size and len(g) < N
-    }
-    if not sets:
-        raise ValueError(
-            f"no gene set has between min_size={min_size} and max_size={max_size} genes (and "
-            f"fewer than all) among the {N} ranked genes"
-        )
-    terms = np.array(list(sets), dtype=object)
-    size = np.array([len(g) for g in sets.values()], dtype=np.int64)
-    kernel = PrerankKernel(
-        [bg.get_indexer(g) for g in sets.values()],
-        N,
+    run = _Run(
+        scores,
+        genes,
+        gene_sets,
         permutations=permutations,
         seed=seed,
-        weight=float(weight),
+        min_size=min_size,
+        max_size=max_size,
+        weight=weight,
+        query_names=query_names,
+        chunk_size=chunk_size,
+        threads=threads,
     )
-
-    per_query = kernel.bytes_per_ranking()
-    chunk = int(chunk_size) if chunk_size else max(1, min(n_queries, _CHUNK_BYTES // per_query))
-    # rankings with similar numbers of non-zero scores together: the walks of a chunk are cut
-    # after its longest non-zero part (see _walk_fast), whatever the chunking, same results
-    if sp.issparse(X):
-        nonzero = np.asarray((X != 0).sum(axis=1)).ravel()
-    else:
-        nonzero = np.count_nonzero(X, axis=1)
-    by_nonzero = np.argsort(nonzero, kind="stable")
     tables = []
-    with kernel.threads(threads):
-        for lo in range(0, n_queries, chunk):
-            which = by_nonzero[lo : lo + chunk]
-            rows = X[which]
-            dense = rows.toarray() if sp.issparse(rows) else np.array(rows, dtype=np.float64)
-            es, nes, pvalue, fdr = kernel(dense)
-            part = _prerank_table(names[which], terms, size, es, nes, pvalue, fdr)
-            if report == "best":
-                part = best_prerank_terms(part)
-            tables.append(part.assign(_position=np.repeat(which, len(part) // len(which))))
+    for which, es, nes, pvalue, fdr in run.chunks():
+        part = _prerank_table(run.names[which], run.terms, run.size, es, nes, pvalue, fdr)
+        if report == "best":
+            part = best_prerank_terms(part)
+        tables.append(part.assign(_position=np.repeat(which, len(part) // len(which))))
     if not tables:
         table = pd.DataFrame(
             {
@@ -312,6 +274,204 @@ def prerank_many(
     out = pd.concat(tables)
     out = out.iloc[np.argsort(out["_position"].to_numpy(), kind="stable")].drop(columns="_position")
     return out if report == "best" else out.reset_index(drop=True)
+
+
+@dataclass
+class PrerankMatrices:
+    """:func:`prerank_matrices`: the tested sets, each ranking's best set and, when kept, the
+    (rankings x sets) statistics in float32.
+    """
+
+    #: Tested set names (columns), in the order of ``gene_sets``.
+    terms: np.ndarray
+    #: Genes of each tested set among the ranked genes.
+    size: np.ndarray
+    #: Per ranking (rows, in input order): ``term``, ``size``, ``es``, ``nes``, ``pvalue``,
+    #: ``fdr`` of its best positively enriched set, as :func:`best_prerank_terms` (NaN: none).
+    best: pd.DataFrame
+    es: np.ndarray | None = None
+    nes: np.ndarray | None = None
+    pvalue: np.ndarray | None = None
+    fdr: np.ndarray | None = None
+
+
+def prerank_matrices(
+    scores: np.ndarray | sp.spmatrix | sp.sparray,
+    genes: Sequence[str],
+    gene_sets: GeneSetsLike,
+    *,
+    permutations: int = 1000,
+    seed: int = 0,
+    min_size: int = 5,
+    max_size: int = 500,
+    weight: float = 1.0,
+    query_names: Sequence[object] | None = None,
+    chunk_size: int | None = None,
+    threads: int | None = None,
+    keep: bool = True,
+) -> PrerankMatrices:
+    """:func:`prerank_many` as (rankings x sets) matrices instead of a long table.
+
+    The same statistics, chunk by chunk, with each ranking's best positively enriched set
+    picked as :func:`best_prerank_terms` does; with ``keep``, ``es``, ``nes``, ``pvalue`` and
+    ``fdr`` are kept as dense float32 matrices (rows in input order, columns ``terms``). The
+    long table of thousands of rankings x sets is never built.
+    """
+    run = _Run(
+        scores,
+        genes,
+        gene_sets,
+        permutations=permutations,
+        seed=seed,
+        min_size=min_size,
+        max_size=max_size,
+        weight=weight,
+        query_names=query_names,
+        chunk_size=chunk_size,
+        threads=threads,
+    )
+    n, T = len(run.names), len(run.terms)
+    kept = {k: np.full((n, T), np.nan, dtype=np.float32) for k in _STATS} if keep else {}
+    best_idx = np.full(n, -1, dtype=np.int64)
+    best_vals = {k: np.full(n, np.nan) for k in _STATS}
+    rank = np.empty(T, dtype=np.int64)
+    rank[np.argsort(run.terms.astype(str), kind="stable")] = np.arange(T)
+    for which, *stats in run.chunks():
+        values = dict(zip(_STATS, stats, strict=True))
+        for k in kept:
+            kept[k][which] = values[k]
+        j = best_sets(values["nes"], values["pvalue"], values["fdr"], rank)
+        found = j >= 0
+        best_idx[which] = j
+        for k in _STATS:
+            best_vals[k][which[found]] = values[k][found, j[found]]
+    found = best_idx >= 0
+    best = pd.DataFrame(
+        {
+            "term": np.where(found, run.terms[np.maximum(best_idx, 0)], np.nan),
+            "size": np.where(found, run.size[np.maximum(best_idx, 0)], np.nan),
+            **best_vals,
+        },
+        index=pd.Index(run.names, name="query"),
+    )
+    return PrerankMatrices(run.terms, run.size, best, **kept)
+
+
+#: The statistics of a ranking and a set, in the kernel's order.
+_STATS = ("es", "nes", "pvalue", "fdr")
+
+
+def best_sets(
+    nes: np.ndarray, pvalue: np.ndarray, fdr: np.ndarray, term_rank: np.ndarray
+) -> np.ndarray:
+    """Per row, the column of the best positively enriched set (-1 when no ``nes > 0``): largest
+    NES, then smaller p-value, smaller FDR, smaller ``term_rank`` (the order of the names), as
+    :func:`best_prerank_terms`.
+    """
+    if nes.shape[1] == 0:
+        return np.full(nes.shape[0], -1, dtype=np.int64)
+    positive = nes > 0
+    primary = np.where(positive, -nes, np.inf)
+    ranks = np.broadcast_to(term_rank, nes.shape)
+    order = np.lexsort((ranks, fdr, pvalue, primary), axis=-1)
+    first = order[:, 0]
+    return np.where(positive[np.arange(len(first)), first], first, -1).astype(np.int64)
+
+
+class _Run:
+    """The validated inputs and kernel of a preranked GSEA of many rankings, run chunk by chunk."""
+
+    def __init__(
+        self,
+        scores,
+        genes,
+        gene_sets,
+        *,
+        permutations,
+        seed,
+        min_size,
+        max_size,
+        weight,
+        query_names,
+        chunk_size,
+        threads,
+    ):
+        permutations = int(permutations)
+        if permutations < 1:
+            raise ValueError(f"permutations must be positive, got {permutations}")
+        if not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be a finite non-negative number, got {weight}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        labels = [clean_symbol(g) for g in genes]
+        bg = pd.Index(labels)
+        if bg.empty:
+            raise ValueError("genes is empty")
+        if bg.has_duplicates:
+            dups = bg[bg.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"genes has duplicated symbols (after upper-casing), e.g. {dups}")
+        X = scores if sp.issparse(scores) else np.asarray(scores, dtype=float)
+        if X.ndim != 2 or X.shape[1] != len(bg):
+            raise ValueError(
+                f"scores must be a (queries x genes) matrix with {len(bg)} columns, got shape "
+                f"{X.shape}"
+            )
+        X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else X
+        values = X.data if sp.issparse(X) else X
+        if not np.isfinite(values).all():
+            raise ValueError("scores must be finite (no NaN or inf)")
+        n_queries, N = X.shape
+        names = (
+            np.arange(n_queries) if query_names is None else np.asarray(query_names, dtype=object)
+        )
+        if len(names) != n_queries:
+            raise ValueError(f"{len(names)} query_names for {n_queries} queries")
+        sets = {
+            t: g
+            for t, g in restrict_sets(gene_sets, bg, min_size).items()
+            if len(g) <= max_size and len(g) < N
+        }
+        if not sets:
+            raise ValueError(
+                f"no gene set has between min_size={min_size} and max_size={max_size} genes "
+                f"(and fewer than all) among the {N} ranked genes"
+            )
+        self.X, self.names, self.threads = X, names, threads
+        self.terms = np.array(list(sets), dtype=object)
+        self.size = np.array([len(g) for g in sets.values()], dtype=np.int64)
+        self.kernel = PrerankKernel(
+            [bg.get_indexer(g) for g in sets.values()],
+            N,
+            permutations=permutations,
+            seed=seed,
+            weight=float(weight),
+        )
+        per_query = self.kernel.bytes_per_ranking()
+        self.chunk = (
+            int(chunk_size) if chunk_size else max(1, min(n_queries, _CHUNK_BYTES // per_query))
+        )
+
+    def chunks(self):
+        """``(rows, es, nes, pvalue, fdr)`` per chunk of rankings (rows: their input positions).
+
+        Rankings with similar numbers of non-zero scores go together: the walks of a chunk are
+        cut after its longest non-zero part (see ``_walk_fast``), whatever the chunking, same
+        results.
+        """
+        X = self.X
+        if sp.issparse(X):
+            nonzero = np.asarray((X != 0).sum(axis=1)).ravel()
+        else:
+            nonzero = np.count_nonzero(X, axis=1)
+        by_nonzero = np.argsort(nonzero, kind="stable")
+        with self.kernel.threads(self.threads):
+            for lo in range(0, X.shape[0], self.chunk):
+                which = by_nonzero[lo : lo + self.chunk]
+                rows = X[which]
+                dense = rows.toarray() if sp.issparse(rows) else np.array(rows, dtype=np.float64)
+                yield (which, *self.kernel(dense))
 
 
 def best_prerank_terms(

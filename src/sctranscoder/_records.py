@@ -132,6 +132,8 @@ def check_key(
 _KINDS = {
     "circuit": ("nodes", "edges", "genes", "scores"),
     "activations": ("obsm_keys", "firing_rate", "params"),
+    # before "annotation", whose keys it also has
+    "neuron baseline": ("features", "summary", "model", "params"),
     "annotation": ("features", "summary", "params"),
     "random model baseline": ("summary", "metrics", "model", "params"),
     "circuit enrichment": ("table", "params"),
@@ -139,6 +141,11 @@ _KINDS = {
     "gene attribution": ("genes", "effects", "agreement", "params"),
     "feature ranking": ("names", "scores", "group_means", "params"),
     "feature connections": ("connections", "params"),
+    "feature stability": ("summary", "layers", "params"),
+    "probe": ("summary", "folds", "params"),
+    "cell embedding": ("obsm_key", "model", "params"),
+    "sae": ("sae", "metrics", "params"),
+    "sae sweep": ("sweep", "params"),
 }
 
 
@@ -222,7 +229,7 @@ def transcoder_record(adata: AnnData, key: str) -> dict:
 
 def training_config(rec: dict) -> TrainingConfig:
     """The :class:`TrainingConfig` stored in a transcoder record."""
-    return TrainingConfig.from_dict(dict(rec["params"]["config"]))
+    return TrainingConfig.from_record(dict(rec["params"]["config"]))
 
 
 def write_transcoders(
@@ -433,7 +440,7 @@ def _linked_set(rec: dict, key: str, layers: list[int] | None) -> TranscoderSet:
 
 def _with_record(transcoders: dict[int, Transcoder], rec: dict) -> TranscoderSet:
     params = dict(rec.get("params", {}))
-    config = TrainingConfig.from_dict(dict(params.pop("config"))) if "config" in params else None
+    config = TrainingConfig.from_record(dict(params.pop("config"))) if "config" in params else None
     return TranscoderSet(
         transcoders,
         model=_plain(dict(rec.get("model", {}))),

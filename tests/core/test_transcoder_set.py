@@ -315,8 +315,15 @@ def test_a_legacy_directory_still_loads(tmp_path):
     assert back.metrics == metrics
     assert back.run["tokens_seen"] == 4096
     assert back.run["world_size"] == 1
+    # trained before answer tokens existed: read as trained on prompts only
     assert back.config == TrainingConfig(
-        expansion_factor=4, k=8, batch_size=512, n_tokens=4096, lr=0.002262741699796952
+        expansion_factor=4,
+        k=8,
+        batch_size=512,
+        n_tokens=4096,
+        lr=0.002262741699796952,
+        answer_tokens=False,
+        answer_weight=1,
     )
     # a legacy directory saved again gets the current format, with a manifest
     again = TranscoderSet.load(back.save(tmp_path / "current"))

@@ -45,6 +45,12 @@ def test_uns_records_transcoders_model_and_metrics(trained_full, model):
         (whole["ce_removed"] - whole["ce_replaced"]) / gap
     )
     assert 0 <= whole["prediction_agreement"] <= 1
+    # teacher-forced agreement at every answer position is the greedy answer's agreement
+    assert whole["answer_agreement"] == pytest.approx(whole["prediction_agreement"])
+    assert 0 <= whole["answer_token_agreement"] <= 1
+    assert whole["answer_kl_replaced"] >= 0
+    assert whole["answer_n_tokens"] >= 70  # at least one answer token per validation cell
+    assert rec["params"]["config"]["answer_tokens"]
     split = trained_full.obs["sct_split"]
     assert (split == "validation").sum() == 70
     assert (split == "train").sum() == 630

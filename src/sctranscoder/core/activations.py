@@ -187,6 +187,7 @@ def collect_activations(
     batch_size: int = 32,
     aggregate: Aggregate = "max",
     genes: bool = True,
+    cells: bool = True,
     progress: bool = True,
 ) -> ActivationTables:
     """Run every sentence through ``model`` once and gather every transcoder's activations.
@@ -206,6 +207,9 @@ def collect_activations(
         prompt token.
     genes
         Also gather the genes x features tables.
+    cells
+        Keep the cells x features matrices (else ``cells`` is empty: for dense bases such as
+        :class:`~.neurons.NeuronBasis`, whose matrices are large, when only the rest is needed).
     progress
         Show a progress bar.
     """
@@ -233,7 +237,8 @@ def collect_activations(
             onto = None
             for la in layers:
                 a = acts[la]
-                rows[la].append(sparse.csr_matrix(a.cells.cpu().numpy().astype(np.float32)))
+                if cells:
+                    rows[la].append(sparse.csr_matrix(a.cells.cpu().numpy().astype(np.float32)))
                 fired[la] += a.fired.cpu().numpy()
                 if not genes or not a.gene_values.shape[0]:
                     continue
@@ -259,7 +264,7 @@ def collect_activations(
     finally:
         bar.close()
     out = ActivationTables(
-        cells={la: _stack(rows[la], n_features[la]) for la in layers},
+        cells={la: _stack(rows[la], n_features[la]) for la in layers} if cells else {},
         firing_rate={la: fired[la] / max(n_tokens, 1) for la in layers},
         n_tokens=n_tokens,
     )

@@ -17,6 +17,7 @@ from torch import nn
 
 from .hooks import replace_mlp_outputs
 from .model import C2SModel, greedy_answers
+from .prompts import with_answers
 from .training import TokenBatch, harvest
 
 if TYPE_CHECKING:
@@ -165,3 +166,76 @@ def prediction_agreement(
         same += sum(a == b for a, b in zip(original, replaced, strict=True))
         total += len(original)
     return same / max(total, 1)
+
+
+#: The keys of :func:`answer_metrics`.
+ANSWER_METRICS = (
+    "answer_ce_original",
+    "answer_ce_replaced",
+    "answer_kl_replaced",
+    "answer_token_agreement",
+    "answer_agreement",
+    "answer_n_tokens",
+)
+
+
+@torch.no_grad()
+def answer_metrics(
+    model: C2SModel,
+    transcoders: Mapping[int, Transcoder],
+    sentences: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """How the replacement behaves where the model answers: at the positions that predict the
+    tokens of the model's own greedy answer, fed teacher-forced after each prompt
+    (:func:`~sctranscoder.core.prompts.with_answers`), with every MLP in ``transcoders`` replaced.
+
+    Returns ``answer_ce_original`` and ``answer_ce_replaced`` (cross-entropy of the answer's
+    tokens), ``answer_kl_replaced`` (KL of the replaced model's next-token distribution to the
+    original's), ``answer_token_agreement`` (fraction of those positions where both models'
+    most likely token is the same), ``answer_agreement`` (fraction of cells where it is the same
+    at every position of the answer: exactly the cells whose greedy answer the replacement does
+    not change, token for token) and ``answer_n_tokens`` (positions scored).
+    """
+    if len(answers) != len(sentences):
+        raise ValueError(f"{len(answers)} answers for {len(sentences)} sentences.")
+    hooks = replacement_hooks(transcoders)
+    sums = dict.fromkeys(ANSWER_METRICS[:4], 0.0)
+    n_tok, n_same_cells = 0, 0
+    device = model.device
+    for start in range(0, len(sentences), batch_size):
+        batch = model.tokenize(sentences[start : start + batch_size])
+        chunk = answers[start : start + batch_size]
+        ids, mask, scored = with_answers(batch, chunk, model.tokenizer.pad_token_id)
+        target = torch.zeros_like(ids)
+        for i, (L, a) in enumerate(zip(batch.lengths.tolist(), chunk, strict=True)):
+            target[i, L - 1 : L - 1 + len(a)] = torch.as_tensor(list(a), dtype=torch.long)
+        ids, mask, scored, target = (t.to(device) for t in (ids, mask, scored, target))
+
+        def logprobs(ids=ids, mask=mask):
+            logits = model.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return F.log_softmax(logits.float(), dim=-1)
+
+        lp_orig = logprobs()
+        if hooks:
+            with replace_mlp_outputs(model.model, hooks):
+                lp_rep = logprobs()
+        else:  # nothing replaced: the replaced model is the model
+            lp_rep = lp_orig
+        t = target[scored]
+        o, r = lp_orig[scored], lp_rep[scored]
+        sums["answer_ce_original"] += float(-o.gather(1, t[:, None]).sum())
+        sums["answer_ce_replaced"] += float(-r.gather(1, t[:, None]).sum())
+        sums["answer_kl_replaced"] += float((o.exp() * (o - r)).sum())
+        same = lp_orig.argmax(-1) == lp_rep.argmax(-1)
+        sums["answer_token_agreement"] += float(same[scored].sum())
+        n_same_cells += int((same | ~scored).all(dim=1).sum())
+        n_tok += int(scored.sum())
+    if n_tok == 0:
+        raise ValueError("No answer tokens to evaluate on.")
+    out = {k: v / n_tok for k, v in sums.items()}
+    out["answer_agreement"] = n_same_cells / len(sentences)
+    out["answer_n_tokens"] = float(n_tok)
+    return out

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import distributed as dist
-from .evaluation import layer_metrics, prediction_agreement, replacement_metrics
+from .evaluation import answer_metrics, layer_metrics, prediction_agreement, replacement_metrics
 from .prompts import prompt_batches
 from .training import TrainingConfig
 from .training import train_transcoders as _train
@@ -62,6 +62,11 @@ def fit_transcoders(
     callback
         Called with the training log after every step (raise in it to stop training).
 
+    With ``config.answer_tokens``, each training cell's greedy answer is computed first and fed
+    after its prompt in the training stream (:func:`~sctranscoder.core.prompts.with_answers`).
+    The whole-model metrics always include those at the answer positions of the validation
+    cells (:func:`~sctranscoder.core.evaluation.answer_metrics`).
+
     Returns
     -------
     The :class:`TranscoderSet` (with its metrics) and the run's facts (``layers``, ``lr``,
@@ -79,6 +84,12 @@ def fit_transcoders(
             "use more cells or fewer ranks."
         )
     dev, d = model.device, model.d_model
+    answers = None
+    if config.answer_tokens:  # what the model answers, fed back after each training prompt
+        said = model.answer_tokens(
+            [cells[i] for i in rank_cells], batch_size=config.prompt_batch_size, progress=progress
+        )
+        answers = dict(zip(rank_cells.tolist(), said, strict=True))
 
     def stream(start: int):
         return prompt_batches(
@@ -89,6 +100,8 @@ def fit_transcoders(
             seed=config.seed,
             repeat=True,
             start=start,
+            answers=answers,
+            answer_weight=config.answer_weight,
         )
 
     transcoders, log = _train(
@@ -114,8 +127,16 @@ def fit_transcoders(
 
     per_layer = layer_metrics(model.model, transcoders, val_stream(), device=dev)
     whole = replacement_metrics(model.model, transcoders, val_stream(), device=dev)
-    whole["prediction_agreement"] = prediction_agreement(
-        model, transcoders, [cells[i] for i in val_cells]
+    val_sentences = [cells[i] for i in val_cells]
+    whole["prediction_agreement"] = prediction_agreement(model, transcoders, val_sentences)
+    whole.update(
+        answer_metrics(
+            model,
+            transcoders,
+            val_sentences,
+            model.answer_tokens(val_sentences, batch_size=config.prompt_batch_size),
+            batch_size=config.prompt_batch_size,
+        )
     )
     facts = (per_layer, whole, log.dead_fraction, log.tokens, log.steps, log.seconds, str(dev))
     per_layer, whole, train_dead, tokens, steps, seconds, dev_name = dist.broadcast_object(

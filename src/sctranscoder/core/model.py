@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .architectures import family
 from .sentences import PromptSettings
@@ -130,6 +131,29 @@ class C2SModel:
             out.extend(greedy_answers(self, batch, max_new_tokens=max_new_tokens))
         return out
 
+    @torch.no_grad()
+    def answer_tokens(
+        self,
+        gene_lists: Sequence[Sequence[str]],
+        *,
+        batch_size: int = 32,
+        max_new_tokens: int = 24,
+        progress: bool = False,
+    ) -> list[list[int]]:
+        """Token ids of the greedy answer for each gene list (stop token included when reached):
+        what the model says after each prompt, to be fed back teacher-forced.
+        """
+        out: list[list[int]] = []
+        bar = tqdm(total=len(gene_lists), desc="answers", unit="cell", disable=not progress)
+        try:
+            for start in range(0, len(gene_lists), batch_size):
+                batch = self.tokenize(gene_lists[start : start + batch_size])
+                out.extend(greedy_tokens(self, batch, max_new_tokens=max_new_tokens))
+                bar.update(len(batch.lengths))
+        finally:
+            bar.close()
+        return out
+
 
 def _stop_ids(tokenizer) -> set[int]:
     stop = set()
@@ -146,6 +170,19 @@ def greedy_answers(m: C2SModel, batch: TokenizedPrompts, *, max_new_tokens: int)
 
     Prompts are left-aligned into a left-padded batch so all continue at the same position; the
     position ids follow each prompt's own length, so padding does not change the answer.
+    """
+    stop = _stop_ids(m.tokenizer)
+    pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+    answers = []
+    for row in greedy_tokens(m, batch, max_new_tokens=max_new_tokens):
+        end = next((i for i, t in enumerate(row) if t in stop or t == pad), len(row))
+        answers.append(m.tokenizer.decode(row[:end]).strip())
+    return answers
+
+
+def greedy_tokens(m: C2SModel, batch: TokenizedPrompts, *, max_new_tokens: int) -> list[list[int]]:
+    """The greedy answer's token ids after each prompt, its stop token (EOS or a newline)
+    included when it was reached within ``max_new_tokens`` (see :func:`greedy_answers`).
     """
     device = m.device
     lengths = batch.lengths.tolist()
@@ -175,21 +212,23 @@ def greedy_answers(m: C2SModel, batch: TokenizedPrompts, *, max_new_tokens: int)
         )
         past = out.get("cache") if "cache" in out else out.get("past_key_values")
         nxt = out.logits[:, -1].argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        nxt = torch.where(done, torch.full_like(nxt, -1), nxt)
         generated = torch.cat([generated, nxt[:, None]], dim=1)
         done |= torch.isin(nxt, torch.as_tensor(sorted(stop), device=device))
         if bool(done.all()):
             break
         cur_mask = torch.cat([cur_mask, torch.ones((n, 1), dtype=cur_mask.dtype, device=device)], 1)
-        cur_ids = nxt[:, None]
+        cur_ids = nxt.clamp_min(0)[:, None]
     answers = []
     for row in generated.tolist():
         toks = []
         for t in row:
-            if t in stop or t == pad:
+            if t < 0:
                 break
             toks.append(t)
-        answers.append(m.tokenizer.decode(toks).strip())
+            if t in stop:
+                break
+        answers.append(toks)
     return answers
 
 

@@ -293,7 +293,7 @@ def read_info(
         metrics = dict(meta.get("metrics", {}))
     else:
         model, run = dict(doc.get("model") or {}), dict(doc.get("run") or {})
-        config = None if doc.get("config") is None else TrainingConfig.from_dict(doc["config"])
+        config = None if doc.get("config") is None else TrainingConfig.from_record(doc["config"])
         metrics = dict(doc.get("metrics") or {})
     return DirectoryInfo(configs, selected, model, config, run, metrics, n_bytes)
 
@@ -414,7 +414,7 @@ def _legacy_config(params: dict) -> TrainingConfig | None:
     names = {f.name for f in dataclasses.fields(TrainingConfig)}
     values = {k: v for k, v in params.items() if k in names}
     try:
-        return TrainingConfig.from_dict(values)
+        return TrainingConfig.from_record(values)
     except (TypeError, ValueError):
         return None
 

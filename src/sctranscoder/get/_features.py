@@ -21,9 +21,15 @@ def gene_tables(rec: dict, layer: int, activations_key: str):
     genes = rec.get("genes")
     name = Key.layer(layer)
     if not genes or name not in genes.get("counts", {}):
+        sae = rec.get("params", {}).get("sae_key")  # an SAE's concepts get them by attribution
+        fix = (
+            f"run `sct.tl.concept_attribution(adata, key={str(sae)!r})`"
+            if sae is not None
+            else "rerun `sct.tl.feature_activations(adata, genes=True)`"
+        )
         raise KeyError(
             f"adata.uns[{activations_key!r}] has no genes x features tables for layer {layer}: "
-            "rerun `sct.tl.feature_activations(adata, genes=True)`."
+            f"{fix}."
         )
     return (
         strings(genes["names"]),

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._constants import Key, parse_feature_name
+from .._records import activations_record
 from .._validate import check_feature, check_positive_int
 from ..get import activations as get_activations
 from ..get import feature_table
@@ -113,8 +114,17 @@ def feature(
         fig.add_subplot(grid[1, 1]),
         fig.add_subplot(grid[1, 2]),
     ]
-    _header(axes[0], name, row)
-    _top_genes(axes[1], row, n_top)
+    # an SAE's concepts (sct.tl.train_sae): rates per cell, genes by counterfactual attribution
+    concept = "sae_key" in activations_record(adata, activations_key)["params"]
+    _header(axes[0], name, row, unit="cell" if concept else "token")
+    _top_genes(
+        axes[1],
+        row,
+        n_top,
+        xlabel="cells in which removing the gene lowers it"
+        if concept
+        else "cells in which it fires on the gene",
+    )
     _embedding(axes[2], fa, name, basis)
     _top_cells(axes[3], adata, acts, n_top_cells, groupby)
     return finish(
@@ -122,11 +132,13 @@ def feature(
     )
 
 
-def _header(ax, name: str, row) -> None:
+def _header(ax, name: str, row, unit: str = "token") -> None:
     rate, log_rate = float(row["firing_rate"]), float(row["log10_firing_rate"])
     lines = [
-        f"firing rate {rate:.3g} per token (log10 {log_rate:.2f})   "
-        f"{'live' if bool(row['live']) else 'dead'}   genes fired on: {int(row['n_genes'])}"
+        f"firing rate {rate:.3g} per {unit} (log10 {log_rate:.2f})   "
+        f"{'live' if bool(row['live']) else 'dead'}   "
+        f"{'genes whose removal lowers it' if unit == 'cell' else 'genes fired on'}: "
+        f"{int(row['n_genes'])}"
     ]
     for method, name_ in (("ora", "ORA"), ("gsea", "GSEA")):
         if f"{method}_term" in row.index:
@@ -142,7 +154,7 @@ def _header(ax, name: str, row) -> None:
     ax.text(0, 0.45, "\n".join(lines), fontsize=9.5, va="top", transform=ax.transAxes)
 
 
-def _top_genes(ax, row, n_top: int) -> None:
+def _top_genes(ax, row, n_top: int, xlabel: str = "cells in which it fires on the gene") -> None:
     genes = [g for g in str(row["top_genes"]).split(";") if g][:n_top]
     counts = [int(c) for c in str(row["top_gene_counts"]).split(";") if c][: len(genes)]
     if genes:
@@ -153,7 +165,7 @@ def _top_genes(ax, row, n_top: int) -> None:
     else:
         ax.set_yticks([])
         ax.text(0.5, 0.5, "fires on no gene", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("cells in which it fires on the gene")
+    ax.set_xlabel(xlabel)
     ax.set_title("top genes", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
 

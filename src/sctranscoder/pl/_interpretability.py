@@ -21,6 +21,8 @@ _BARS = (
     ("fraction", "features", "#1f77b4"),
     ("baseline_fraction", "shuffled gene labels", "#bbbbbb"),
     ("random_model_{m}fraction", "random-init model", "#ff7f0e"),
+    ("neurons_{m}fraction", "MLP neurons", "#2ca02c"),
+    ("neurons_{m}baseline_fraction", "MLP neurons, shuffled labels", "#a1d99b"),
 )
 
 
@@ -29,6 +31,7 @@ def interpretability(
     *,
     annotation_key: str = Key.derived(Key.activations(Key.transcoders), "annotation"),
     random_model_key: str | None = None,
+    neurons_key: str | None = None,
     method: Literal["ora", "gsea", "prerank"] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -40,8 +43,10 @@ def interpretability(
     The paper's Table 4 as a bar chart: for each layer, the fraction of live features whose genes
     are enriched in a gene set (FDR below the threshold of
     :func:`sctranscoder.tl.annotate_features`) and, beside it, the same fraction with shuffled
-    gene labels and on a randomly initialised model (:func:`sctranscoder.tl.random_model_baseline`)
-    when computed. The number of live features is written above each layer.
+    gene labels, on a randomly initialised model (:func:`sctranscoder.tl.random_model_baseline`)
+    and for the MLP's own neurons, with their own shuffled-label level
+    (:func:`sctranscoder.tl.neuron_baseline`), when computed. The number of live features (and
+    of live neurons, after a ``|``) is written above each layer.
 
     Parameters
     ----------
@@ -52,6 +57,8 @@ def interpretability(
     random_model_key
         ``adata.uns`` key of a random-model baseline to draw (default: its default key, when
         present).
+    neurons_key
+        ``adata.uns`` key of a neuron baseline to draw (default: its default key, when present).
     method
         ``"ora"`` or ``"gsea"`` (``"prerank"`` is the same): which test's results to draw
         (default: ORA when it ran).
@@ -77,7 +84,10 @@ def interpretability(
     check_ax(ax)
     check_save(save)
     table = get_interpretability(
-        adata, annotation_key=annotation_key, random_model_key=random_model_key
+        adata,
+        annotation_key=annotation_key,
+        random_model_key=random_model_key,
+        neurons_key=neurons_key,
     )
     if method is None:
         method = "ora" if "ora_fraction" in table else "gsea"
@@ -97,9 +107,13 @@ def interpretability(
     for i, (column, label, color) in enumerate(bars):
         offset = (i - (len(bars) - 1) / 2) * width
         ax.bar(x + offset, table[column], width, label=label, color=color)
-    for xi, n in zip(x, table["total_live"], strict=True):
+    neurons = "neurons_total_live" in table and any(c.startswith("neurons_") for c, _, _ in bars)
+    live = [f"{int(n)}" for n in table["total_live"]]
+    if neurons:
+        live = [f"{a}|{int(b)}" for a, b in zip(live, table["neurons_total_live"], strict=True)]
+    for xi, n in zip(x, live, strict=True):
         ax.annotate(
-            f"{int(n)}",
+            n,
             (xi, 1.0),
             ha="center",
             va="bottom",
@@ -117,7 +131,7 @@ def interpretability(
     fdr = record(adata, annotation_key, kind="annotation", hint="")["params"]["fdr"]
     ax.set_title(
         f"live features with a gene set at FDR < {float(fdr):g} ({method.upper()}; "
-        "n live above bars)",
+        f"n live {'features|neurons ' if neurons else ''}above bars)",
         fontsize=9,
         pad=12,
     )

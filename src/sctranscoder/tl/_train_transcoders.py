@@ -164,7 +164,10 @@ def train_transcoders(
         (``ce_original``), with every trained MLP replaced by its transcoder (``ce_replaced``) and
         removed (``ce_removed``), ``kl_replaced``/``kl_removed`` to the original,
         ``ce_recovered`` and ``prediction_agreement`` (fraction of cells whose greedy answer is
-        unchanged by the replacement).
+        unchanged by the replacement); at the positions that predict the model's own answer fed
+        teacher-forced (:func:`~sctranscoder.core.evaluation.answer_metrics`):
+        ``answer_ce_original``, ``answer_ce_replaced``, ``answer_kl_replaced``,
+        ``answer_token_agreement``, ``answer_agreement`` and ``answer_n_tokens``.
     ``adata.obs[f"{key_added}_split"]`` : categorical
         ``"train"`` or ``"validation"``.
     """

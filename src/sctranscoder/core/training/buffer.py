@@ -45,13 +45,24 @@ def harvest(
 
     With ``autocast`` (``"bf16"`` or ``"fp16"``) the model runs under :func:`torch.autocast`;
     the activations are returned in float32 whatever the model's precision.
+
+    The attention mask's values say how many times each token is taken (0: padding; 1: once;
+    ``w``: ``w`` times, one after another, which the buffer's shuffle then spreads); the model
+    is given ``mask > 0``. This is how answer positions are weighted
+    (:func:`~sctranscoder.core.prompts.with_answers`).
     """
     dtype = AUTOCAST_DTYPES[autocast] if autocast is not None else None
     device = torch.device(device)
     with capture_mlp_io(model, layers) as store:
         for ids, mask in batches:
             # positions of real tokens, found where the mask is (no device sync for host masks)
-            keep = to_device(mask.reshape(-1).nonzero().squeeze(1), device)
+            counts = mask.reshape(-1)
+            if bool((counts > 1).any()):
+                flat = torch.arange(counts.numel(), device=counts.device)
+                keep = to_device(torch.repeat_interleave(flat, counts.clamp_min(0)), device)
+                mask = (mask > 0).to(mask.dtype)
+            else:
+                keep = to_device(counts.nonzero().squeeze(1), device)
             ids, mask = to_device(ids, device), to_device(mask, device)
             if dtype is None:
                 run_to_layers(model, ids, mask)
