@@ -19,6 +19,7 @@ import torch
 from scipy import sparse
 from tqdm.auto import tqdm
 
+from . import distributed
 from .hooks import capture_mlp_io, run_to_layers
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ def collect_activations(
     genes: bool = True,
     cells: bool = True,
     progress: bool = True,
+    gene_names: Sequence[str] | None = None,
 ) -> ActivationTables:
     """Run every sentence through ``model`` once and gather every transcoder's activations.
 
@@ -212,11 +214,20 @@ def collect_activations(
         :class:`~.neurons.NeuronBasis`, whose matrices are large, when only the rest is needed).
     progress
         Show a progress bar.
+    gene_names
+        The rows of the gene tables (default: the genes of ``sentences``, in first-seen order);
+        must hold every gene of ``sentences``. Ranks that each run a share of the cells pass the
+        genes of all cells, so that their tables add up (:func:`gather_tables`).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be positive.")
     layers = sorted(transcoders)
-    names = list(dict.fromkeys(g for s in sentences for g in s)) if genes else []
+    if not genes:
+        names = []
+    elif gene_names is None:
+        names = list(dict.fromkeys(g for s in sentences for g in s))
+    else:
+        names = list(gene_names)
     index = {g: i for i, g in enumerate(names)}
     n_features = {la: transcoders[la].config.n_features for la in layers}
     rows = {la: [] for la in layers}
@@ -275,6 +286,65 @@ def collect_activations(
             c.data = np.rint(c.data)
             out.gene_counts[la] = c.astype(np.int32)
             out.gene_sums[la] = sums[la].total()
+    return out
+
+
+def shard_cells(n_cells: int) -> np.ndarray:
+    """The cells (positions) this rank computes under ``torch.distributed``: every
+    ``world_size``-th cell from position ``rank`` (all cells without a process group).
+    """
+    return np.asarray(distributed.shard(np.arange(n_cells, dtype=np.int64)))
+
+
+def gather_tables(
+    tables: ActivationTables, cells: np.ndarray, n_cells: int, device=None
+) -> ActivationTables | None:
+    """Put together on rank 0 the tables each rank computed for its ``cells`` (positions in
+    the original order, as from :func:`shard_cells`): the cells x features rows in the original
+    cell order, firing rates weighted by each rank's tokens, gene tables summed. Returns the
+    whole on rank 0 and ``None`` on the other ranks; ``tables`` itself without a process group.
+
+    Each rank's share travels pickled (``torch.distributed.gather_object``), so rank 0 holds
+    every rank's cells x features rows at once: the result's size, not the model's, bounds its
+    memory.
+    """
+    if not distributed.is_distributed():
+        return tables
+    fired = {la: r * tables.n_tokens for la, r in tables.firing_rate.items()}
+    share = (np.asarray(cells, dtype=np.int64), tables, fired)
+    parts = distributed.gather_object(share, device)
+    if parts is None:
+        return None
+    order = np.concatenate([p[0] for p in parts])
+    if len(order) != n_cells or not np.array_equal(np.sort(order), np.arange(n_cells)):
+        raise RuntimeError(
+            f"The ranks computed {len(order)} cells, not each of the {n_cells} once: every rank "
+            "must pass the same cells in the same order."
+        )
+    inverse = np.empty(n_cells, dtype=np.int64)
+    inverse[order] = np.arange(n_cells)
+    layers = sorted(tables.firing_rate)
+    n_tokens = sum(p[1].n_tokens for p in parts)
+    out = ActivationTables(
+        cells={
+            la: sparse.vstack([p[1].cells[la] for p in parts], format="csr")[inverse]
+            for la in layers
+        }
+        if tables.cells
+        else {},
+        firing_rate={la: sum(p[2][la] for p in parts) / max(n_tokens, 1) for la in layers},
+        n_tokens=n_tokens,
+    )
+    if tables.genes:
+        out.genes = list(tables.genes)
+        out.gene_cells = sum(p[1].gene_cells for p in parts)
+        for la in layers:
+            out.gene_counts[la] = sparse.csr_matrix(
+                sum(p[1].gene_counts[la] for p in parts), dtype=np.int32
+            )
+            out.gene_sums[la] = sparse.csr_matrix(
+                sum(p[1].gene_sums[la] for p in parts), dtype=np.float32
+            )
     return out
 
 

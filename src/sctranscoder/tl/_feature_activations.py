@@ -25,7 +25,8 @@ from .._validate import (
     check_positive_int,
     check_sentences_unique,
 )
-from ..core.activations import AGGREGATES, collect_activations
+from ..core import distributed as dist
+from ..core.activations import AGGREGATES, collect_activations, gather_tables, shard_cells
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -60,6 +61,15 @@ def feature_activations(
     gene* (its maximum activation over the gene's subword tokens is positive) and the sum of those
     activations. Genes are the symbols of the sentences (their union, in first-seen order), not
     ``adata.var_names``: sentences made from ``adata.raw`` may hold genes that ``var`` lacks.
+
+    **Many cells, several processes.** Launched with ``torchrun`` and called after
+    ``torch.distributed.init_process_group()`` (more than one rank), every rank runs the model
+    on its share of the cells only (every ``world_size``-th cell, from position ``rank``; with a
+    backed ``adata`` each rank reads only ``obs`` and ``uns``), and rank 0 gathers the shares into
+    one result in the original cell order, identical to a one-process run up to float rounding of
+    the summed gene tables. Only rank 0's ``adata`` is written (the other ranks' is left as it
+    was): write the file from rank 0. Each rank's memory is the model plus its share of the
+    results; rank 0 also holds the whole result. See ``docs/scaling.md``.
 
     Read the results with :func:`sctranscoder.get.activations` (cells x features AnnData, for
     scanpy plots), :func:`sctranscoder.get.feature_table` (firing rate, live flag, top genes)
@@ -148,16 +158,23 @@ def feature_activations(
     if genes:  # a gene named twice in a sentence would count its cell twice
         check_sentences_unique(cells, adata.obs_names, sentence_key)
 
-    start = logg.info(f"computing feature activations of layers {tset.layers}")
+    mine = shard_cells(len(cells))  # all cells, or this rank's share under torchrun
+    ranks = f" on {dist.world_size()} ranks" if dist.is_distributed() else ""
+    start = logg.info(f"computing feature activations of layers {tset.layers}{ranks}")
     tables = collect_activations(
         model,
         tset,
-        cells,
+        [cells[i] for i in mine] if ranks else cells,
         batch_size=batch_size,
         aggregate=aggregate,
         genes=genes,
-        progress=progress,
+        progress=progress and dist.rank() == 0,
+        gene_names=list(dict.fromkeys(g for s in cells for g in s)) if genes and ranks else None,
     )
+    tables = gather_tables(tables, mine, len(cells), device=model.device)
+    if tables is None:  # a rank other than 0 under torchrun: rank 0 holds and writes the result
+        logg.info(f"    rank {dist.rank()}: its cells sent to rank 0", time=start)
+        return adata.copy() if copy else None
     obsm = {Key.layer(la): Key.obsm_activations(prefix, la) for la in tset}
     out = {
         "params": {
