@@ -213,6 +213,7 @@ def neuron_baseline(
         key_added=_SCRATCH_ANNOTATION,
         baseline="shuffled",
         n_shuffles=int(params.get("n_shuffles", 1)),
+        tables=False,  # only the summary and each neuron's best set are kept
         permutations=int(params.get("permutations", 1000)),
         gsea_weight=float(params.get("gsea_weight", 0.0)),
         **{k: params[k] for k in _ANNOTATION_PARAMS},

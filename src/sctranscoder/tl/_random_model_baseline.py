@@ -152,6 +152,7 @@ def random_model_baseline(
         scratch,
         gene_sets=sets,
         baseline=None,
+        tables=False,  # only the summary (and best sets) are kept
         permutations=int(params.get("permutations", 1000)),
         gsea_weight=float(params.get("gsea_weight", 0.0)),
         **{k: params[k] for k in _ANNOTATION_PARAMS},
