@@ -1292,6 +1292,42 @@ add(
     KeyError,
     "annotate_features",
 )
+# the explorer (more cases in tests/pl/test_explorer.py, which also checks no file is written)
+add(
+    "pl.explorer",
+    "activations-missing",
+    lambda a, c: pl.explorer(a, c["tmp"] / "x.html", activations_key="nope"),
+    KeyError,
+    "feature_activations",
+)
+add(
+    "pl.explorer",
+    "not-html",
+    lambda a, c: pl.explorer(a, c["tmp"] / "x.png"),
+    ValueError,
+    r"\.html",
+)
+add(
+    "pl.explorer",
+    "folder-missing",
+    lambda a, c: pl.explorer(a, c["tmp"] / "nope" / "x.html"),
+    FileNotFoundError,
+    "does not exist",
+)
+add(
+    "pl.explorer",
+    "file-exists",
+    lambda a, c: pl.explorer(a, _touch(c["tmp"] / "x.html")),
+    FileExistsError,
+    "overwrite=True",
+)
+add(
+    "pl.explorer",
+    "groupby-missing",
+    lambda a, c: pl.explorer(a, c["tmp"] / "x.html", groupby="nope"),
+    KeyError,
+    "nope",
+)
 
 # -- files -------------------------------------------------------------------------------------------
 add(

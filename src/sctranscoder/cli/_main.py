@@ -69,6 +69,9 @@ class Command:
     input_param: str = "adata"
     #: The parameter given as a second positional argument (an output directory).
     directory: str | None = None
+    #: How ``--help`` names that argument, and what it says of it.
+    directory_metavar: str = "DIR"
+    directory_help: str = "the directory to write"
     #: Parameters without a type in the signature: their command-line type.
     hints: dict = field(default_factory=dict)
     #: Also every field of :class:`~sctranscoder.core.training.TrainingConfig` (``**overrides``).
@@ -100,6 +103,14 @@ def commands() -> dict[str, Command]:
         Command("activations", sct.tl.feature_activations, backed=True),
         Command("trace", sct.tl.trace_circuit, hints={"gene_sets": "str | None"}),
         Command("annotate", sct.tl.annotate_features),
+        Command(
+            "explore",
+            sct.pl.explorer,
+            h5ad="never",
+            directory="path",
+            directory_metavar="OUTPUT.html",
+            directory_help="the explorer to write: one self-contained .html file",
+        ),
         Command("export transcoders", sct.save_transcoders, h5ad="link", directory="path"),
         Command(
             "export circuit-tracer-graph",
@@ -163,7 +174,9 @@ def _add_command(subparsers, name: str, command: Command, common: argparse.Argum
     files = parser.add_argument_group("input and output")
     files.add_argument("input", metavar="INPUT.h5ad", help="the AnnData to read")
     if command.directory:
-        files.add_argument("directory", metavar="DIR", help="the directory to write")
+        files.add_argument(
+            "directory", metavar=command.directory_metavar, help=command.directory_help
+        )
     if command.h5ad != "never":
         out = files.add_mutually_exclusive_group(required=command.h5ad == "always")
         out.add_argument(
@@ -211,7 +224,7 @@ def _parameter_names(fn: Callable) -> set[str]:
 def _public_name(fn: Callable) -> str:
     """``pp.cell_sentences``, ``tl.train_transcoders``, or the top-level name."""
     parts = fn.__module__.split(".")
-    sub = parts[1] if len(parts) > 1 and parts[1] in ("pp", "tl", "get") else None
+    sub = parts[1] if len(parts) > 1 and parts[1] in ("pp", "tl", "get", "pl") else None
     return f"{sub}.{fn.__name__}" if sub else fn.__name__
 
 
@@ -222,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sctranscoder",
         description="Transcoders and circuits of Cell2Sentence models on .h5ad files. Start "
-        "from a raw .h5ad with `sentences`, then `train`, `activations`, `trace`, `annotate` and "
-        "`export`. Under torchrun, `train` runs data-parallel.",
+        "from a raw .h5ad with `sentences`, then `train`, `activations`, `trace`, `annotate`, "
+        "`explore` (an HTML explorer) and `export`. Under torchrun, `train` runs data-parallel.",
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -397,7 +410,7 @@ def _run(command: Command, args: argparse.Namespace) -> dict[str, Any]:
         result = command.function(*positional, **kwargs)
     summary: dict[str, Any] = {"command": command.name, "input": str(source)}
     if isinstance(result, os.PathLike):
-        summary["path"] = str(result)
+        summary["path"] = os.fspath(result)
     if target is not None and dist.rank() == 0:  # every rank holds the same results
         with _stage(EXIT_OUTPUT, f"cannot write {target}: ", (Exception,)):
             start_write = logg.info(f"writing {target}")

@@ -2,6 +2,7 @@
 
 from ._activations import activations
 from ._circuit import circuit, circuit_genes, circuit_heads
+from ._explorer import explorer
 from ._feature import feature
 from ._interpretability import interpretability
 from ._probe import probe
@@ -13,6 +14,7 @@ __all__ = [
     "circuit",
     "circuit_genes",
     "circuit_heads",
+    "explorer",
     "feature",
     "feature_stability",
     "interpretability",
