@@ -6,6 +6,9 @@ feature activations, and writes into ``--out``:
 
 - ``pbmc_sct.h5ad``: the AnnData with everything sctranscoder stored;
 - ``umap_features_L2.png``: the most variable layer-2 features over the UMAP;
+- ``pbmc_explorer.html``: the interactive explorer of every feature (``sct.pl.explorer``; the
+  features annotated with GO Biological Process and ranked by ``bulk_labels`` first), one
+  self-contained file to open in any browser;
 - ``summary.json``: the quality metrics, timings and paths printed at the end.
 
 Works offline. ``make quickstart`` runs it as ``python scripts/quickstart.py --out
@@ -46,6 +49,8 @@ MODEL_METRICS = (
     "kl_removed",
     "ce_recovered",
     "prediction_agreement",
+    "answer_kl_replaced",
+    "answer_token_agreement",
 )
 
 
@@ -103,6 +108,10 @@ def main() -> None:
         sct.tl.train_transcoders(adata, model, **train_kwargs)
     with timed(timings, "feature activations"):
         sct.tl.feature_activations(adata)
+    with timed(timings, "annotate (GO BP)"):
+        sct.tl.annotate_features(adata, gene_sets="GO_BP_2022")
+    with timed(timings, "rank by cell type"):
+        sct.tl.rank_features_groups(adata, groupby="bulk_labels")
     with timed(timings, "get activations"):
         fa = sct.get.activations(adata, layer=LAYER_SHOWN)
     h5ad = out / "pbmc_sct.h5ad"
@@ -113,6 +122,10 @@ def main() -> None:
         fig = sct.pl.activations(adata, LAYER_SHOWN, show=False, return_fig=True)
         fig.savefig(png, dpi=120, bbox_inches="tight")
         plt.close("all")
+
+    html = out / "pbmc_explorer.html"
+    with timed(timings, "explorer"):
+        sct.pl.explorer(adata, html, groupby="bulk_labels", overwrite=True)
 
     layers, whole = sct.get.metrics(adata)
     tset = sct.get.transcoders(adata)
@@ -154,7 +167,13 @@ def main() -> None:
             "met": bool(target_met),
         },
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "files": {"h5ad": str(h5ad), "umap_png": str(png), "summary": str(out / "summary.json")},
+        "files": {
+            "h5ad": str(h5ad),
+            "umap_png": str(png),
+            "explorer": str(html),
+            "explorer_mib": round(html.stat().st_size / 2**20, 2),
+            "summary": str(out / "summary.json"),
+        },
         "versions": {
             "sctranscoder": sct.__version__,
             "torch": torch.__version__,
@@ -184,7 +203,7 @@ def print_summary(summary: dict, layers) -> None:
     print()
     print("whole model, every MLP replaced / removed (validation cells):")
     for k in MODEL_METRICS:
-        print(f"  {k:<22}{_format(m.get(k))}")
+        print(f"  {k:<24}{_format(m.get(k))}")
     target = summary["target"]
     print(
         f"  target: ce_recovered >= {target['ce_recovered_min']} with mean L0 <= "
