@@ -227,6 +227,18 @@ def test_activations_alone_are_enough(trained_base, tmp_path):
     assert set(data["features"]["term"]) == {-1}
 
 
+def test_an_sae_s_concepts_are_explored_per_cell(pbmc, tmp_path):
+    """Concepts of a TopK SAE on any embedding (here PCA) get the same explorer."""
+    sct.tl.train_sae(pbmc, use_rep="X_pca", n_steps=50, progress=False)
+    path = tmp_path / "sae.html"
+    sct.pl.explorer(pbmc, path, activations_key="sae_activations", groupby="bulk_labels")
+    data = _data(path)
+    assert data["meta"]["activations_key"] == "sae_activations"
+    assert data["meta"]["unit"] == "cell"  # firing rates per cell, not per token
+    assert data["meta"]["n_features"] == [pbmc.obsm["X_sae"].shape[1]]
+    assert data["meta"]["n_cells"] == pbmc.n_obs
+
+
 # -- bad input: refused before anything is written ------------------------------------------------
 
 

@@ -379,7 +379,9 @@
       plot($("#feature-genes"), [{ type: "bar", orientation: "h", y: genes.slice().reverse(), x: counts.slice().reverse(), marker: { color: "#4c78a8" }, hovertemplate: "%{y}: %{x} cells<extra></extra>" }],
         { height: Math.max(240, 18 * n + 60), xaxis: { title: { text: "cells in which it fires on the gene" } }, yaxis: { automargin: true, tickfont: { size: 11 } }, margin: { l: 90, r: 20, t: 10, b: 45 } });
     } else {
-      $("#feature-genes").outerHTML = '<p class="note">No genes x features table (rerun sct.tl.feature_activations with genes=True).</p>';
+      $("#feature-genes").outerHTML = M.unit === "cell"
+        ? '<p class="note">No genes for these concepts yet: run sct.tl.concept_attribution (counterfactual gene attribution of an SAE\'s concepts).</p>'
+        : '<p class="note">No genes x features table (rerun sct.tl.feature_activations with genes=True).</p>';
     }
     if (attr) {
       const n = attr.genes.length;
