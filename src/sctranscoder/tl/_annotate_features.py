@@ -449,16 +449,23 @@ def _with_fractions(counts: dict, prefix: str, n_live: int) -> dict:
     return out
 
 
+def _put_best(table, live, prefix: str, best: pd.DataFrame, stats: tuple, fdr: float) -> None:
+    """Each live feature's best set of one test into ``table``: ``<prefix>term``, then ``stats``,
+    ``pvalue`` and ``fdr`` of ``best`` as ``<prefix><stat>`` (empty or NaN for features not
+    tested) and ``<prefix>interpretable`` (FDR below ``fdr``).
+    """
+    table[prefix + "term"] = ""
+    table.loc[live, prefix + "term"] = best["term"].fillna("").astype(str).to_numpy()
+    for stat in (*stats, "pvalue", "fdr"):
+        table[prefix + stat] = np.nan
+        table.loc[live, prefix + stat] = best[stat].to_numpy(dtype=float)
+    table[prefix + "interpretable"] = (table[prefix + "fdr"] < fdr).to_numpy(dtype=bool)
+
+
 def _ora_layer(table, Q, live, s: _Settings, perms) -> tuple[dict, dict]:
     start = time.perf_counter()
     best = _best_ora(Q, s.sets, s.background, live)
-    table["ora_term"] = ""
-    table["ora_pvalue"] = np.nan
-    table["ora_fdr"] = np.nan
-    table.loc[live, "ora_term"] = best["term"].fillna("").astype(str).to_numpy()
-    table.loc[live, "ora_pvalue"] = best["pvalue"].to_numpy(dtype=float)
-    table.loc[live, "ora_fdr"] = best["fdr"].to_numpy(dtype=float)
-    table["ora_interpretable"] = (table["ora_fdr"] < s.fdr).to_numpy(dtype=bool)
+    _put_best(table, live, "ora_", best, (), s.fdr)
     kept = {}
     if s.tables:  # the overlaps of ora_many's test: every statistic follows from them
         kept = {
@@ -483,14 +490,7 @@ def _gsea_layer(table, scores, live, s: _Settings, perms) -> tuple[dict, dict]:
     start = time.perf_counter()
     result = _gsea(scores, live, s, keep=s.tables)
     best = result.best
-    table["gsea_term"] = ""
-    for column in ("gsea_nes", "gsea_pvalue", "gsea_fdr"):
-        table[column] = np.nan
-    table.loc[live, "gsea_term"] = best["term"].fillna("").astype(str).to_numpy()
-    table.loc[live, "gsea_nes"] = best["nes"].to_numpy(dtype=float)
-    table.loc[live, "gsea_pvalue"] = best["pvalue"].to_numpy(dtype=float)
-    table.loc[live, "gsea_fdr"] = best["fdr"].to_numpy(dtype=float)
-    table["gsea_interpretable"] = (table["gsea_fdr"] < s.fdr).to_numpy(dtype=bool)
+    _put_best(table, live, "gsea_", best, ("nes",), s.fdr)
     kept = {}
     if s.tables and result.es is not None:
         # columns of every set in the record; a set GSEA cannot test (all genes) stays NaN
@@ -516,14 +516,7 @@ def _ulm_layer(table, scores, live, s: _Settings, perms) -> tuple[dict, dict]:
     start = time.perf_counter()
     t = _ulm_scores(scores, live, s)
     best = ulm_best(t, np.array(list(s.sets), dtype=object), len(s.background))
-    table["ulm_term"] = ""
-    for column in ("ulm_score", "ulm_pvalue", "ulm_fdr"):
-        table[column] = np.nan
-    table.loc[live, "ulm_term"] = best["term"].fillna("").astype(str).to_numpy()
-    table.loc[live, "ulm_score"] = best["score"].to_numpy(dtype=float)
-    table.loc[live, "ulm_pvalue"] = best["pvalue"].to_numpy(dtype=float)
-    table.loc[live, "ulm_fdr"] = best["fdr"].to_numpy(dtype=float)
-    table["ulm_interpretable"] = (table["ulm_fdr"] < s.fdr).to_numpy(dtype=bool)
+    _put_best(table, live, "ulm_", best, ("score",), s.fdr)
     kept = {"score": t} if s.tables else {}
     base = np.nan
     if s.baseline == "shuffled":
