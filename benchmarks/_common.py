@@ -21,13 +21,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 TOKENIZER = ROOT.parent / "shared" / "assets" / "pythia_20B_tokenizer.json"
 PACKAGE = ROOT / "src" / "sctranscoder"
 #: Source files whose sha256 identifies the code a result was measured on (paths under
-#: ``src/sctranscoder``): every module of the training package, the transcoder (its kernels) and
-#: the activation pass.
+#: ``src/sctranscoder``): every module of the training package, the transcoder, its TopK kernels
+#: and the activation pass.
 CORE_MODULES = (
     *sorted(
         p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "core" / "training").glob("*.py")
     ),
     "core/transcoder.py",
+    "core/topk.py",
     "core/activations.py",
 )
 

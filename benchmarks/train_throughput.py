@@ -243,6 +243,8 @@ def run_ours(cm, train_stream, layers, args, *, n_tokens: int, profile: bool) ->
         prompt_batch_size=args.prompt_batch_size,
         **kwargs,
     )
+    if args.stack_layers:
+        cfg = cfg.replace(stack_layers=True)
     device = torch.device(args.device)
     _sync(device)
     t0 = time.perf_counter()
@@ -616,6 +618,11 @@ def main() -> None:
         "sparsify's encoder under its CUDA autocast); default bf16 on CUDA, none on CPU",
     )
     ap.add_argument("--sparsify-schedule", choices=["constant", "sparsify"], default="constant")
+    ap.add_argument(
+        "--stack-layers",
+        action="store_true",
+        help="ours: TrainingConfig(stack_layers=True), all layers in one batched step",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for the floor")
     ap.add_argument("--sides", nargs="+", default=["ours", "sparsify"])
@@ -628,6 +635,12 @@ def main() -> None:
         help="inline: time phases in the timed run (default on CPU, where it needs no "
         "synchronisation); separate: an extra, synchronised run of --profile-tokens (default "
         "on CUDA)",
+    )
+    ap.add_argument(
+        "--op-profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="profile a --profile-tokens run of each side op by op (torch.profiler)",
     )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -713,6 +726,17 @@ def main() -> None:
         }
         r.pop("timings", None)
         r.pop("profiled_seconds", None)
+        if args.op_profile:  # op by op, a separate run (the profiler slows small ops down)
+            from _op_profile import op_profile
+
+            run = run_ours if side == "ours" else run_sparsify
+            r["op_profile"] = op_profile(
+                lambda run=run: run(
+                    cm, train_stream, layers, args, n_tokens=args.profile_tokens, profile=False
+                ),
+                device,
+            )
+            r["op_profile"]["tokens"] = args.profile_tokens
     fns = {side: ours_fns(c) if side == "ours" else sparsify_fns(c) for side, c in coders.items()}
 
     metrics = validate(cm, val_stream, layers, fns, device)
@@ -787,6 +811,7 @@ def main() -> None:
             "repeats": args.repeats,
             "sparsify_schedule": args.sparsify_schedule,
             "ours_autocast": args.autocast,
+            "ours_stack_layers": args.stack_layers,
             "model_forward": "included on both sides (each library's own harvest)",
             "seed": args.seed,
         },
@@ -827,6 +852,26 @@ def main() -> None:
             print(f"{side:<16}" + "".join(f"{t.get(p, 0.0):>10.2f}" for p in PHASES))
         else:
             print(f"{side:<16}(not available: {r['profile'].get('note', '')})")
+    cats = ("matmul", "topk_sort", "attention", "sparse", "embedding_bag", "gather_scatter")
+    cats += ("copy_cat", "elementwise", "optimizer", "other")
+    if any("op_profile" in r for r in results.values()):
+        print(f"\n{'op profile (%)':<16}{'gaps':>7}" + "".join(f"{c[:9]:>10}" for c in cats))
+    for side, r in results.items():
+        op = r.get("op_profile")
+        if op:
+            by = op["aten_self_by_category"]
+            print(
+                f"{side:<16}{100 * op['host_gaps_fraction']:>7.1f}"
+                + "".join(f"{100 * by.get(c, 0.0) / op['wall_seconds']:>10.1f}" for c in cats)
+            )
+            if "device" in op:
+                dv = op["device"]
+                print(
+                    f"{'':<16}device idle {100 * dv['device_idle_fraction']:.1f}%, "
+                    f"{dv['launches']['calls']} launches, "
+                    f"sync {dv['synchronisations']['host_seconds']:.3f}s, "
+                    f"allocator {dv['allocator']['host_seconds']:.3f}s"
+                )
     if ratio:
         print(
             f"\nours / sparsify: {ratio['tokens_per_second']:.2f}x tokens/s, "

@@ -58,8 +58,8 @@ def _step(x, W_enc, b_enc, W_dec, y, dead, k, k_aux, *, kernels, compute_dtype=N
     """
     import torch
 
+    from sctranscoder.core.topk import sparse_decode
     from sctranscoder.core.training import losses
-    from sctranscoder.core.transcoder import sparse_decode
 
     encode, decode = {
         "sparse": (losses.sparse_encode, losses.sparse_decode_loss),
@@ -89,7 +89,7 @@ VARIANTS = {
 def checks(args, device) -> dict:
     import torch
 
-    from sctranscoder.core.transcoder import encoder_weight_grad
+    from sctranscoder.core.topk import encoder_weight_grad
 
     n, d, nf, k, k_aux = args.batch, args.d, args.features, args.k, args.d // 2
     cpu64 = _problem(n, d, nf, args.seed, "cpu", torch.float64)
@@ -129,8 +129,16 @@ def checks(args, device) -> dict:
             ),
             want,
         )
-        for m in ("sparse_mm", "embedding_bag", "dense")
+        for m in ("sparse_mm", "csr", "embedding_bag", "dense")
     }
+    # the two-stage TopK selection returns the same values as torch.topk
+    from sctranscoder.core.topk import topk_select
+
+    pre = torch.randn(n, nf, generator=g).to(device)
+    got = topk_select(pre, k)[0].sort(-1).values
+    out["topk_select_equal_values"] = bool(
+        torch.equal(got, pre.topk(k, dim=-1, sorted=False).values.sort(-1).values)
+    )
     return out
 
 
@@ -165,13 +173,16 @@ def timings(args, device) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from sctranscoder.core.transcoder import encoder_weight_grad, topk_encode
+    from sctranscoder.core.topk import encoder_weight_grad, topk_encode, topk_select
 
     n, d, nf, k, k_aux = args.batch, args.d, args.features, args.k, args.d // 2
     x, W_enc, b_enc, W_dec, y, dead = _problem(n, d, nf, args.seed + 2, device, torch.float32)
     run = _timer(device, args.reps)
     ms = {}
     with torch.no_grad():
+        pre32 = F.linear(x, W_enc, b_enc)
+        ms["topk_torch"] = run(lambda: pre32.topk(k, dim=-1, sorted=False))
+        ms["topk_select"] = run(lambda: topk_select(pre32, k))
         ms["encoder_forward_float32"] = run(lambda: topk_encode(x, W_enc, b_enc, k))
         ms["encoder_forward_bf16"] = run(
             lambda: topk_encode(x, W_enc, b_enc, k, compute_dtype=torch.bfloat16)
@@ -182,7 +193,7 @@ def timings(args, device) -> dict:
         )
     values, indices = topk_encode(x, W_enc, b_enc, k)
     gv = torch.randn_like(values)
-    for m in ("sparse_mm", "embedding_bag", "dense"):
+    for m in ("sparse_mm", "csr", "embedding_bag", "dense"):
         ms[f"weight_grad_{m}"] = run(lambda m=m: encoder_weight_grad(indices, gv, x, nf, method=m))
     xb = x.bfloat16()
     ms["weight_grad_dense_bf16"] = run(
@@ -233,7 +244,7 @@ def timings(args, device) -> dict:
             t.grad = torch.randn_like(t)
             tensors.append(t)
             n_params += t.numel()
-    for fused in (False, True) if device.type == "cuda" else (False,):
+    for fused in (False, True):
         opt = torch.optim.Adam(tensors, lr=1e-4, fused=fused)
         ms[f"adam_{'fused' if fused else 'foreach'}_{args.layers}_layers"] = run(opt.step)
     return ms, n_params

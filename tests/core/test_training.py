@@ -14,6 +14,7 @@ from _models import random_prompts, tiny_neox
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sctranscoder.core import distributed
+from sctranscoder.core.topk import TopKSlots, sparse_decode, topk_encode, topk_select
 from sctranscoder.core.training import (
     TIMING_KEYS,
     TrainingConfig,
@@ -21,7 +22,6 @@ from sctranscoder.core.training import (
     losses,
     train_transcoders,
 )
-from sctranscoder.core.transcoder import sparse_decode, topk_encode
 
 CPU = torch.device("cpu")
 D = 64
@@ -74,12 +74,16 @@ def _random_problem(seed=0, *, n=300, d_in=48, d_out=40, n_features=384, k=16):
     return x, W_enc, b_enc, W_dec, y, dead, k
 
 
-def _loss_and_grads(sparse: bool, x, W_enc, b_enc, W_dec, y, dead, k, k_aux=20):
+def _loss_and_grads(sparse, x, W_enc, b_enc, W_dec, y, dead, k, k_aux=20):
+    """``sparse``: False (dense autograd reference), True, or ``"slots"`` (the training path:
+    encoder and decoder share one :class:`TopKSlots`).
+    """
     leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, W_dec)]
     xx, we, be, wd = leaves
+    slots = TopKSlots(W_enc.shape[0]) if sparse == "slots" else None
     if sparse:
         values, indices, aux_values, aux_indices = topk_encode(
-            xx, we, be, k, dead=dead, k_aux=k_aux
+            xx, we, be, k, dead=dead, k_aux=k_aux, slots=slots
         )
     else:  # the reference: dense autograd through pre.topk (and a scatter for the dense codes)
         pre = F.relu(F.linear(xx, we, be))
@@ -87,23 +91,25 @@ def _loss_and_grads(sparse: bool, x, W_enc, b_enc, W_dec, y, dead, k, k_aux=20):
         aux_values, aux_indices = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
         dense = torch.zeros_like(pre).scatter(-1, indices, values)
         torch.testing.assert_close(dense @ wd, sparse_decode(values, indices, wd))
-    y_hat = sparse_decode(values, indices, wd)
+    y_hat = sparse_decode(values, indices, wd, slots=slots)
     e_hat = sparse_decode(aux_values, aux_indices, wd)
     loss = (y_hat - y).pow(2).sum() + 0.1 * (e_hat - (y - y_hat).detach()).pow(2).sum()
     loss.backward()
     return loss.detach(), indices, aux_indices, [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("sparse", [True, "slots"])
 @pytest.mark.parametrize("n_dead", [None, 3])
-def test_topk_encode_matches_dense_autograd(n_dead):
+def test_topk_encode_matches_dense_autograd(n_dead, sparse):
     problem = list(_random_problem())
     if n_dead is not None:  # fewer dead features than AuxK candidates (k_aux=20)
         dead = torch.zeros_like(problem[5])
         dead[[5, 77, 300]] = True
         problem[5] = dead
-    loss, idx, aux_idx, grads = _loss_and_grads(True, *problem)
+    loss, idx, aux_idx, grads = _loss_and_grads(sparse, *problem)
     ref_loss, ref_idx, ref_aux_idx, ref_grads = _loss_and_grads(False, *problem)
-    assert torch.equal(idx, ref_idx)
+    # the same features per token (the order within a row is not specified)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
     # AuxK candidates: the same dead features with a positive pre-activation (the CPU path
     # searches only dead columns, so it leaves out the zero-valued fillers the reference returns)
     x, W_enc, b_enc, dead = problem[0], problem[1], problem[2], problem[5]
@@ -115,6 +121,34 @@ def test_topk_encode_matches_dense_autograd(n_dead):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for name, g, ref in zip(("x", "W_enc", "b_enc", "W_dec"), grads, ref_grads, strict=True):
         assert _rel(g, ref) < GRAD_RTOL, (name, _rel(g, ref))
+
+
+@pytest.mark.parametrize(
+    ("n", "n_features", "k"),
+    [(257, 1024, 32), (64, 384, 16), (33, 8192, 32), (10, 96, 4), (7, 100, 30), (5, 64, 64)],
+)
+def test_topk_select_is_exact(n, n_features, k):
+    gen = torch.Generator().manual_seed(n_features + k)
+    pre = torch.randn(n, n_features, generator=gen)
+    pre[0] = 0.0  # a row of ties
+    pre[1, : n_features // 2] = pre[1, 0]  # half the row ties at one value
+    pre[2] = torch.randn(1, generator=gen).round()  # ties at an integer, may be negative
+    if n > 3:
+        pre[3] = -pre[3].abs()  # all negative
+    values, indices = topk_select(pre, k)
+    ref = pre.topk(k, dim=-1, sorted=False).values
+    assert torch.equal(values.sort(-1).values, ref.sort(-1).values)
+    assert torch.equal(pre.gather(1, indices), values)  # the indices point at the values
+    assert all(len(set(row)) == k for row in indices.tolist())  # k distinct features a row
+
+
+def test_topk_select_takes_two_stages_on_the_cpu():
+    from sctranscoder.core.topk import _group_size
+
+    assert _group_size(1024, 32) == 4
+    assert _group_size(8192, 32) == 16
+    assert _group_size(100, 30) == 1  # too few features per slot: one stage
+    assert _group_size(96, 4) == 4
 
 
 def test_topk_encode_gradcheck_float64():
@@ -304,7 +338,7 @@ def test_tl_autocast_is_checked_before_anything_is_written(pbmc, model):
 
 @pytest.mark.parametrize("method", ["sparse_mm", "embedding_bag", "dense"])
 def test_encoder_weight_grad_methods_agree_with_float64(method):
-    from sctranscoder.core.transcoder import encoder_weight_grad
+    from sctranscoder.core.topk import encoder_weight_grad
 
     gen = torch.Generator().manual_seed(5)
     n, d, nf, k = 200, 24, 96, 8
@@ -322,7 +356,7 @@ def test_encoder_weight_grad_methods_agree_with_float64(method):
 
 
 def test_encoder_weight_grad_rejects_unknown_method():
-    from sctranscoder.core.transcoder import encoder_weight_grad
+    from sctranscoder.core.topk import encoder_weight_grad
 
     with pytest.raises(ValueError, match="method must be"):
         encoder_weight_grad(

@@ -272,8 +272,8 @@ def test_organism_is_what_the_training_prompts_name(pbmc, model, monkeypatch, sc
     prompts = []
     tokenize = C2SModel.tokenize
 
-    def spy(self, gene_lists):
-        batch = tokenize(self, gene_lists)
+    def spy(self, gene_lists, **kwargs):
+        batch = tokenize(self, gene_lists, **kwargs)
         prompts.extend(batch.prompts)
         return batch
 

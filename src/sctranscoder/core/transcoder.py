@@ -17,171 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .topk import sparse_decode, topk_select
+
 ACTIVATIONS = ("topk", "relu")
 #: Weight names of a transcoder, in storage order.
 WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip")
 
 
-class _TopKEncode(torch.autograd.Function):
-    """TopK of ``relu(x W_enc^T + b_enc)`` whose backward touches only the selected features.
-
-    Forward is one dense matmul and a ``topk``; only ``x``, the indices and the values are kept
-    (not the ``(batch, n_features)`` pre-activations). Backward, with ``g`` the gradient of the
-    values times the ReLU mask: ``grad_x = sum_j g_j W_enc[i_j]`` (``embedding_bag``),
-    ``grad_W_enc[i_j] += g_j x`` (a sparse ``(n_features, batch)`` matrix with ``batch k``
-    entries times ``x``: the index-add of the selected outer products without forming them) and
-    ``grad_b_enc[i_j] += g_j`` (``index_add``), so its cost is ``O(batch k d_in)`` instead of
-    ``O(batch n_features d_in)``.
-
-    Optionally (``dead`` given) it also returns the AuxK candidates from the same matmul: the
-    ``k_aux`` largest ReLU pre-activations among the ``dead`` features (0 where fewer are
-    positive), with the same sparse backward. On the CPU only the dead features' columns are
-    searched, so fewer than ``k_aux`` candidates come back when fewer features are dead (the
-    others would be non-dead features with value 0, which add nothing to the loss or gradients).
-    """
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, dead, k_aux, compute_dtype):
-        dt = compute_dtype or x.dtype  # .to() is a no-op in x's own dtype
-        pre = F.relu(F.linear(x.to(dt), W_enc.to(dt), b_enc.to(dt)))
-        values, indices = pre.topk(k, dim=-1, sorted=False)
-        if dead is not None and x.device.type == "cpu":
-            # only the dead features' columns (where reading the mask costs no device sync):
-            # usually a handful, so no second TopK over all features
-            cols = dead.nonzero().squeeze(1)
-            aux_values, pos = pre.index_select(1, cols).topk(
-                min(k_aux, cols.numel()), dim=-1, sorted=False
-            )
-            aux_indices = cols[pos]
-        elif dead is not None:
-            aux_values, aux_indices = pre.masked_fill_(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-        else:
-            aux_values = pre.new_zeros(x.shape[0], 0)
-            aux_indices = indices.new_zeros(x.shape[0], 0)
-        values, aux_values = values.to(x.dtype), aux_values.to(x.dtype)
-        ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
-        ctx.mark_non_differentiable(indices, aux_indices)
-        return values, indices, aux_values, aux_indices
-
-    @staticmethod
-    def backward(ctx, grad_values, _grad_indices, grad_aux_values, _grad_aux_indices):
-        x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
-        g = grad_values * (values > 0)  # ReLU
-        if aux_indices.shape[-1]:
-            g = torch.cat([g, grad_aux_values * (aux_values > 0)], dim=-1)
-            indices = torch.cat([indices, aux_indices], dim=-1)
-        g = g.to(x.dtype)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=g, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = encoder_weight_grad(indices, g, x, W_enc.shape[0]).to(W_enc.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
-            grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None, None
-
-
-#: How :func:`encoder_weight_grad` computes by default, per device type (others: ``"sparse_mm"``).
-#: Chosen by measurement (``benchmarks/training_step.py``; see ``benchmarks/README.md``).
-WEIGHT_GRAD_METHODS = {"cpu": "sparse_mm", "cuda": "embedding_bag"}
-
-
-def encoder_weight_grad(
-    indices: torch.Tensor,
-    g: torch.Tensor,
-    x: torch.Tensor,
-    n_features: int,
-    method: str | None = None,
-) -> torch.Tensor:
-    """``grad_W[i] = sum over (token t, slot j) with indices[t, j] == i of g[t, j] x[t]``.
-
-    The gradient of a TopK encoder's weight from the gradient ``g`` of its ``(batch, k)`` values,
-    without forming the ``(batch, n_features)`` gradient of the pre-activations. ``method``:
-
-    * ``"sparse_mm"``: a sparse ``(n_features, batch)`` COO matrix with ``batch k`` entries times
-      ``x``;
-    * ``"embedding_bag"``: the weight gradient of ``embedding_bag(indices, W, g)`` with ``x`` as
-      its output gradient (the same sum; a sorted segment reduction on CUDA);
-    * ``"dense"``: scatter ``g`` into ``(batch, n_features)`` and one matmul (in ``x``'s dtype);
-    * ``None``: :data:`WEIGHT_GRAD_METHODS` for ``x``'s device.
-    """
-    if method is None:
-        method = WEIGHT_GRAD_METHODS.get(x.device.type, "sparse_mm")
-    n, kk = indices.shape
-    if method == "sparse_mm":
-        rows = torch.arange(n, device=x.device).repeat_interleave(kk)
-        G = torch.sparse_coo_tensor(
-            torch.stack([indices.reshape(-1), rows]),
-            g.reshape(-1).to(x.dtype),
-            (n_features, n),
-            check_invariants=False,
-        )
-        return torch.sparse.mm(G, x)
-    if method == "embedding_bag":
-        with torch.enable_grad():
-            w = torch.zeros(n_features, x.shape[1], dtype=x.dtype, device=x.device)
-            w.requires_grad_(True)
-            out = F.embedding_bag(indices, w, per_sample_weights=g.to(x.dtype), mode="sum")
-            (grad,) = torch.autograd.grad(out, w, grad_outputs=x)
-        return grad
-    if method == "dense":
-        G = torch.zeros(n, n_features, dtype=x.dtype, device=x.device)
-        G.scatter_add_(1, indices, g.to(x.dtype))
-        return G.T @ x
-    raise ValueError(f"method must be 'sparse_mm', 'embedding_bag' or 'dense', got {method!r}.")
-
-
-def topk_encode(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    k: int,
-    *,
-    dead: torch.Tensor | None = None,
-    k_aux: int = 0,
-    compute_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """``(values, indices)`` of the ``k`` largest ``relu(x W_enc^T + b_enc)`` per row of ``x``.
-
-    The same numbers as ``F.relu(F.linear(x, W_enc, b_enc)).topk(k, sorted=False)`` but its
-    backward is sparse (see :class:`_TopKEncode`): no ``(batch, n_features)`` gradient is ever
-    formed. With a boolean ``dead`` mask over features, also returns ``(aux_values,
-    aux_indices)``: the ``k_aux`` largest ReLU pre-activations among dead features (AuxK).
-    ``x`` may have leading dimensions; outputs are ``(..., k)``.
-
-    ``compute_dtype`` (e.g. ``torch.bfloat16``): the matmul and the TopK selection run in that
-    precision (as sparsify's encoder does under autocast on CUDA); the values come back in ``x``'s
-    dtype and the backward stays in ``x``'s dtype.
-    """
-    shape = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1])
-    values, indices, aux_values, aux_indices = _TopKEncode.apply(
-        flat, W_enc, b_enc, k, dead, k_aux, compute_dtype
-    )
-    out = (values.reshape(*shape, -1), indices.reshape(*shape, -1))
-    if dead is None:
-        return out
-    return *out, aux_values.reshape(*shape, -1), aux_indices.reshape(*shape, -1)
-
-
-def sparse_decode(
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``sum_j values_j W_dec[indices_j] (+ b_dec)``: a gather of ``k`` decoder rows per row.
-
-    ``embedding_bag`` forward and backward: the gradient of ``W_dec`` is accumulated row by row
-    and that of ``values`` is a ``(batch, k)`` gather, never a ``(batch, n_features)`` tensor.
-    """
-    shape = values.shape
-    flat_v = values.reshape(-1, shape[-1])
-    flat_i = indices.reshape(-1, shape[-1])
-    y = F.embedding_bag(flat_i, W_dec, per_sample_weights=flat_v, mode="sum")
-    y = y.reshape(*shape[:-1], -1)
-    return y if b_dec is None else y + b_dec
+def _select(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~.topk.topk_select` over the last dimension of ``pre`` (any leading dimensions)."""
+    values, indices = topk_select(pre.reshape(-1, pre.shape[-1]), k)
+    return values.reshape(*pre.shape[:-1], k), indices.reshape(*pre.shape[:-1], k)
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -297,8 +143,7 @@ class Transcoder(nn.Module):
         """
         pre = F.relu(self.pre_activations(x))
         if self.config.activation == "topk":
-            values, indices = pre.topk(self.config.k, dim=-1, sorted=False)
-            return values, indices
+            return _select(pre, self.config.k)
         idx = torch.arange(pre.shape[-1], device=pre.device).expand_as(pre)
         return pre, idx
 
@@ -306,7 +151,7 @@ class Transcoder(nn.Module):
         """Dense feature activations ``(..., n_features)``."""
         pre = F.relu(self.pre_activations(x))
         if self.config.activation == "topk":
-            values, indices = pre.topk(self.config.k, dim=-1, sorted=False)
+            values, indices = _select(pre, self.config.k)
             return torch.zeros_like(pre).scatter_(-1, indices, values)
         return pre
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..hooks import capture_mlp_io, run_to_layers
+from ..hooks import capture_mlp_io, causal_mask, run_to_layers
 from .config import AUTOCAST_DTYPES, TrainingConfig
 
 if TYPE_CHECKING:
@@ -63,7 +63,9 @@ def harvest(
                 mask = (mask > 0).to(mask.dtype)
             else:
                 keep = to_device(counts.nonzero().squeeze(1), device)
-            ids, mask = to_device(ids, device), to_device(mask, device)
+            mask = causal_mask(mask)  # None for right-padded host batches (faster attention)
+            ids = to_device(ids, device)
+            mask = None if mask is None else to_device(mask, device)
             if dtype is None:
                 run_to_layers(model, ids, mask)
             else:

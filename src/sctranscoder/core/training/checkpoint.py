@@ -44,7 +44,7 @@ FILENAME = "checkpoint.pt"
 #: ``format`` of a checkpoint, and the version of its layout.
 FORMAT, VERSION = "sctranscoder.training_checkpoint", 1
 #: :class:`TrainingConfig` fields a resumed run may change: they do not change the numbers.
-MAY_DIFFER = frozenset({"profile"})
+MAY_DIFFER = frozenset({"profile", "stack_layers"})  # the header holds the resolved one
 
 
 def checkpoint_file(checkpoint_dir: str | os.PathLike) -> Path:
@@ -109,16 +109,19 @@ def run_header(
     d_in: int,
     d_out: int,
     identity: Mapping[str, Any] | None = None,
+    stacked: bool = False,
 ) -> dict[str, Any]:
     """What identifies a run, stored in its checkpoints and compared on resume: the config
-    (but :data:`MAY_DIFFER`), layers, widths, number of ranks and ``identity`` (strings and
-    numbers, e.g. ``{"model_fingerprint": ...}``).
+    (but :data:`MAY_DIFFER`), layers, widths, whether the layers train stacked (the optimiser's
+    state is laid out differently; :mod:`.stacked`), number of ranks and ``identity`` (strings
+    and numbers, e.g. ``{"model_fingerprint": ...}``).
     """
     return {
         "config": {k: v for k, v in config.to_dict().items() if k not in MAY_DIFFER},
         "layers": [int(layer) for layer in layers],
         "d_in": int(d_in),
         "d_out": int(d_out),
+        "stacked": bool(stacked),
         "world_size": dist.world_size(),
         "identity": dict(identity or {}),
     }
@@ -237,8 +240,8 @@ def check_header(doc: dict[str, Any], header: dict[str, Any], directory: Path) -
         then, now = doc["config"].get(name), header["config"].get(name)
         if then != now:
             diffs.append(f"config.{name} was {then!r}, is {now!r}")
-    for name in ("layers", "d_in", "d_out"):
-        if doc[name] != header[name]:
+    for name in ("layers", "d_in", "d_out", "stacked"):
+        if doc.get(name, False) != header.get(name, False):
             diffs.append(f"{name} was {doc[name]!r}, is {header[name]!r}")
     for name in sorted(set(doc["identity"]) | set(header["identity"])):
         then, now = doc["identity"].get(name), header["identity"].get(name)

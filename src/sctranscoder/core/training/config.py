@@ -76,12 +76,21 @@ class TrainingConfig:
     kernels
         How a TopK step is computed; the same numbers up to float rounding.
         ``"sparse"``: the encoder's backward touches only the ``k`` selected features per token
-        (:func:`~sctranscoder.core.transcoder.topk_encode`) and decoding gathers ``k`` decoder
+        (:func:`~sctranscoder.core.topk.topk_encode`) and decoding gathers ``k`` decoder
         rows per token (``embedding_bag``); no ``(batch, n_features)`` tensor in the backward.
         ``"dense"``: the codes are scattered into ``(batch, n_features)`` and decoded by a matmul,
         with plain autograd (the reference; on a GPU, in bf16 under ``autocast``, matmuls over
         all features beat gathers and scatters). ``"auto"`` (default): dense on CUDA, sparse
         elsewhere, as measured by ``benchmarks/training_step.py``.
+    stack_layers
+        Train all layers' TopK transcoders as one stack (:mod:`~sctranscoder.core.training.stacked`):
+        every weight with a leading layer dimension, one batched step for all layers (one
+        selection, one sort, one decode, one loss, one fused Adam update) instead of one
+        computation per layer; the same numbers up to float rounding. ``None`` (default): per
+        layer, the faster on the CPU as measured (:data:`~.stacked.STACKED_DEVICES`) and the one
+        measured on a GPU so far; ``True`` for the stacked step (made for GPUs with many
+        layers, where it saves one kernel launch per layer and operation). ReLU transcoders and
+        ``compile`` always train per layer.
     prompt_batch_size
         Cells per forward pass of the frozen model.
     validation_fraction
@@ -119,6 +128,7 @@ class TrainingConfig:
     compile: bool = False
     profile: bool = False
     kernels: Kernels = "auto"
+    stack_layers: bool | None = None
     prompt_batch_size: int = 16
     validation_fraction: float = 0.1
     answer_tokens: bool = True
@@ -158,6 +168,15 @@ class TrainingConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}.")
+        if self.stack_layers and (self.activation != "topk" or self.compile):
+            raise ValueError(
+                "stack_layers=True trains TopK transcoders without torch.compile; use "
+                "activation='topk' and compile=False, or stack_layers=None."
+            )
+        if self.stack_layers is not None and not isinstance(self.stack_layers, bool):
+            raise ValueError(
+                f"stack_layers must be True, False or None, got {self.stack_layers!r}."
+            )
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive (or None for the default), got {self.lr}.")
 

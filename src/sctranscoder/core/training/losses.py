@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..transcoder import Transcoder, sparse_decode, topk_encode
+from ..topk import TopKSlots, sparse_decode, topk_encode
 from .config import AUTOCAST_DTYPES, TrainingConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ..transcoder import Transcoder
     from .timer import Timer
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,19 @@ def sparse_encode(
     dead: torch.Tensor | None,
     k_aux: int,
     compute_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor | None, ...]:
-    """Sparse kernels: TopK ``(values, indices)`` and, when ``dead`` is given, the AuxK candidates
-    (else None), with the backward of :func:`topk_encode`.
+) -> tuple[torch.Tensor | TopKSlots | None, ...]:
+    """Sparse kernels: TopK ``(values, indices)``, the AuxK candidates when ``dead`` is given
+    (else None, None), and the :class:`~sctranscoder.core.topk.TopKSlots` of the selection,
+    with the backward of :func:`topk_encode`.
     """
+    slots = TopKSlots(W_enc.shape[0])
     if dead is None:
-        return *topk_encode(x, W_enc, b_enc, k, compute_dtype=compute_dtype), None, None
-    return topk_encode(x, W_enc, b_enc, k, dead=dead, k_aux=k_aux, compute_dtype=compute_dtype)
+        values, indices = topk_encode(x, W_enc, b_enc, k, compute_dtype=compute_dtype, slots=slots)
+        return values, indices, None, None, slots
+    out = topk_encode(
+        x, W_enc, b_enc, k, dead=dead, k_aux=k_aux, compute_dtype=compute_dtype, slots=slots
+    )
+    return *out, slots
 
 
 def sparse_decode_loss(
@@ -89,6 +96,7 @@ def sparse_decode_loss(
     indices: torch.Tensor,
     aux_values: torch.Tensor | None,
     aux_indices: torch.Tensor | None,
+    slots: TopKSlots,
     W_dec: torch.Tensor,
     b_dec: torch.Tensor,
     W_skip: torch.Tensor | None,
@@ -96,8 +104,10 @@ def sparse_decode_loss(
     k_aux: int,
     auxk_alpha: float,
 ) -> LayerLoss:
-    """Sparse kernels: the loss from ``k`` gathered decoder rows a token (``embedding_bag``)."""
-    y_hat = sparse_decode(values, indices, W_dec, b_dec)
+    """Sparse kernels: the loss from ``k`` gathered decoder rows a token (``embedding_bag``),
+    whose backward shares the encoder's sorted ``slots``.
+    """
+    y_hat = sparse_decode(values, indices, W_dec, b_dec, slots=slots)
     e_hat = None
     if dead is not None and aux_values is not None:
         e_hat = F.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values, mode="sum")

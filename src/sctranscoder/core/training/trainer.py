@@ -6,7 +6,7 @@ buffer is cut into token batches on which all layers' transcoders take one optim
 together (:class:`Trainer`). Nothing is cached to disk. Torch only.
 
 Speed: the TopK encoder's backward touches only the ``k`` selected features per token
-(:func:`~sctranscoder.core.transcoder.topk_encode`), decoding gathers ``k`` decoder rows
+(:func:`~sctranscoder.core.topk.topk_encode`), decoding gathers ``k`` decoder rows
 (``embedding_bag``), the loss curves stay on the device and are copied to the host every
 :data:`LOG_EVERY` steps, and optionally the model runs under autocast (``bf16``/``fp16``) and the
 per-layer loss is compiled. With ``TrainingConfig(profile=True)`` the seconds spent in each phase
@@ -31,7 +31,9 @@ from .. import distributed as dist
 from ..transcoder import Transcoder, TranscoderConfig
 from .buffer import LayerTensors, ShuffleBuffer, TokenBatch, buffer_tokens, harvest
 from .checkpoint import Checkpoints, check_arguments, default_every, run_header
+from .config import AUTOCAST_DTYPES
 from .losses import LayerLossFunction, initialise_from_data, remove_parallel_grad
+from .stacked import StackedTranscoders, use_stacked
 from .timer import Timer
 
 if TYPE_CHECKING:
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Steps between copies of the loss curves from the device to the host.
 LOG_EVERY = 32
+#: Devices where Adam runs as one fused kernel (torch's ``fused=True``).
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -111,18 +115,29 @@ class Trainer:
             layer: Transcoder(self.transcoder_config, generator=gen).to(self.device)
             for layer in self.layers
         }
-        self.params = [p for tc in self.transcoders.values() for p in tc.parameters()]
+        #: all layers stacked and trained by one batched step (see :mod:`.stacked`), or None
+        self.stack: StackedTranscoders | None = None
+        if use_stacked(config, self.device):
+            self.stack = StackedTranscoders(self.transcoders, self.layers).to(self.device)
+            self.transcoders = {}  # the stack holds the weights
+            self.params = list(self.stack.parameters())
+        else:
+            self.params = [p for tc in self.transcoders.values() for p in tc.parameters()]
         self.lr = config.learning_rate(n_features)
-        # one fused kernel for all parameters on CUDA (the same update, in fewer passes)
-        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, fused=self.device.type == "cuda")
+        # one fused kernel for all parameters (the same update, in fewer passes): on the CPU
+        # 0.46 ms a step against 1.9 ms for the per-tensor loop (16 tensors, 4 layers x d 128)
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=self.lr, fused=self.device.type in FUSED_ADAM_DEVICES
+        )
         self.dead_tokens = (
             config.dead_tokens if config.dead_tokens is not None else config.n_tokens // 10
         )
         self.k_aux = min(d_out // 2, n_features)
-        self.since_fired = {
-            layer: torch.zeros(n_features, dtype=torch.long, device=self.device)
-            for layer in self.layers
-        }
+        # tokens since each feature last fired, (layers, features); per layer as views
+        self._since_fired = torch.zeros(
+            len(self.layers), n_features, dtype=torch.long, device=self.device
+        )
+        self.since_fired = {la: self._since_fired[i] for i, la in enumerate(self.layers)}
         self.loss_fn = LayerLossFunction(config, self.device, self.timer)
         self.log = TrainingLog(
             loss={la: [] for la in self.layers}, fvu={la: [] for la in self.layers}, lr=self.lr
@@ -134,14 +149,23 @@ class Trainer:
         # then; a feature that dies between flushes gets AuxK at most LOG_EVERY steps late)
         self._any_dead = dict.fromkeys(self.layers, True)
 
+    def _layer_modules(self) -> dict[int, Any]:
+        """Per layer, what holds its weights: its transcoder, or views into the stack."""
+        if self.stack is None:
+            return self.transcoders
+        return {
+            layer: _LayerView(self.stack.config, self.stack.layer_weights(i))
+            for i, layer in enumerate(self.layers)
+        }
+
     def initialise(self, X: LayerTensors, Y: LayerTensors) -> None:
         """Initialise every layer from the first batch of its tokens, then broadcast rank 0's."""
         with self.timer("other"):
-            for layer, tc in self.transcoders.items():
+            for layer, tc in self._layer_modules().items():
                 initialise_from_data(tc, X[layer][: self.batch], Y[layer][: self.batch])
         with self.timer("communication"):
-            for tc in self.transcoders.values():
-                dist.broadcast_module(tc)
+            for module in [self.stack] if self.stack is not None else self.transcoders.values():
+                dist.broadcast_module(module)
         self.initialised = True
 
     def _dead_mask(self, layer: int, may_be_dead: bool) -> torch.Tensor | None:
@@ -160,10 +184,14 @@ class Trainer:
         cfg = self.config
         # no feature can be dead before dead_tokens tokens: skip AuxK without looking
         may_be_dead = cfg.auxk_alpha > 0 and self.log.tokens > self.dead_tokens
+        if self.stack is not None:
+            self._stacked_step(X, Y, rows, may_be_dead)
+            return
         losses, fvus, fired = [], [], []
         for layer, tc in self.transcoders.items():
             with self.timer("other"):
-                x, y = X[layer][rows], Y[layer][rows]
+                # index_select, not X[rows]: 0.03 ms against 0.13 ms for 2,048 rows of d = 128
+                x, y = X[layer].index_select(0, rows), Y[layer].index_select(0, rows)
             dead = self._dead_mask(layer, may_be_dead)
             loss, fvu, f = self.loss_fn(tc, x, y, dead, self.k_aux)
             losses.append(loss)
@@ -180,6 +208,47 @@ class Trainer:
             for layer, f in zip(self.layers, fired, strict=True):
                 self.since_fired[layer].add_(cfg.batch_size).masked_fill_(f > 0, 0)
             self._pending.append(torch.stack(losses + fvus).detach())
+        self.log.steps += 1
+        self.log.tokens += cfg.batch_size
+        if self.log.steps % LOG_EVERY == 0:
+            self.flush()
+
+    def _stacked_step(
+        self, X: LayerTensors, Y: LayerTensors, rows: torch.Tensor, may_be_dead: bool
+    ) -> None:
+        """:meth:`step` for the stack: every layer's loss in one batched computation."""
+        cfg = self.config
+        with self.timer("other"):
+            x = torch.stack([X[la].index_select(0, rows) for la in self.layers])
+            y = torch.stack([Y[la].index_select(0, rows) for la in self.layers])
+        dead = None
+        if may_be_dead:
+            masks = [self._dead_mask(la, True) for la in self.layers]
+            if any(m is not None for m in masks):
+                dead = torch.stack(
+                    [m if m is not None else torch.zeros_like(self._since_fired[0], dtype=torch.bool)
+                     for m in masks]
+                )  # fmt: skip
+        with self.timer("encoder"):
+            losses, fvu, fired = self.stack.loss(
+                x,
+                y,
+                dead,
+                self.k_aux,
+                cfg.auxk_alpha,
+                dense=cfg.resolved_kernels(self.device) == "dense",
+                compute_dtype=AUTOCAST_DTYPES.get(cfg.autocast),
+            )
+        with self.timer("optimizer"):
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.timer("backward"):
+            losses.sum().backward()
+        with self.timer("communication"):
+            _all_reduce_step(self.params, [fired])
+        self._update()
+        with self.timer("other"):
+            self._since_fired.add_(cfg.batch_size).masked_fill_(fired > 0, 0)
+            self._pending.append(torch.cat([losses, fvu]).detach())
         self.log.steps += 1
         self.log.tokens += cfg.batch_size
         if self.log.steps % LOG_EVERY == 0:
@@ -228,9 +297,12 @@ class Trainer:
         self.flush(dead_flags=False)
         log = self.log
         return {
-            "transcoders": {la: tc.state_dict() for la, tc in self.transcoders.items()},
+            "transcoders": {
+                la: {n: t.detach().clone() for n, t in m.state_dict().items()}
+                for la, m in self._layer_modules().items()
+            },
             "optimizer": self.optimizer.state_dict(),
-            "since_fired": dict(self.since_fired),
+            "since_fired": {la: t.clone() for la, t in self.since_fired.items()},
             "any_dead": dict(self._any_dead),
             # float64 holds the host's Python floats exactly
             "log": {
@@ -245,6 +317,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` (of a trainer with the same config and layers)."""
+        if self.stack is not None:
+            for i, layer in enumerate(self.layers):
+                self.stack.load_layer(i, state["transcoders"][layer])
         for layer, tc in self.transcoders.items():
             tc.load_state_dict(state["transcoders"][layer])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -267,6 +342,8 @@ class Trainer:
     def finish(self, seconds: float) -> tuple[dict[int, Transcoder], TrainingLog]:
         """Flush, freeze the transcoders and complete the log (``seconds`` of wall time)."""
         self.flush()
+        if self.stack is not None:
+            self.transcoders = self.stack.transcoders()
         for layer, tc in self.transcoders.items():
             self.log.dead_fraction[layer] = float(
                 (self.since_fired[layer] > self.dead_tokens).float().mean()
@@ -277,6 +354,23 @@ class Trainer:
         if self.config.profile:
             self.log.timings = self.timer.split(seconds)
         return self.transcoders, self.log
+
+
+class _LayerView:
+    """One layer of a stack as the per-layer code reads a transcoder: ``config`` and weights
+    (views of the stack's parameters), e.g. for :func:`~.losses.initialise_from_data`.
+    """
+
+    def __init__(self, config: TranscoderConfig, weights: dict[str, torch.Tensor]):
+        self.config = config
+        self.W_skip = None
+        for name, value in weights.items():
+            setattr(self, name, value)
+        self._weights = weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights by name (views)."""
+        return dict(self._weights)
 
 
 def _all_reduce_step(params: list[nn.Parameter], fired: list[torch.Tensor]) -> None:
@@ -373,7 +467,14 @@ def train_transcoders(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     checkpoints = None
     if checkpoint_dir is not None:
-        header = run_header(config, layers, d_in=d_in, d_out=d_out, identity=identity)
+        header = run_header(
+            config,
+            layers,
+            d_in=d_in,
+            d_out=d_out,
+            identity=identity,
+            stacked=use_stacked(config, device),
+        )
         every = checkpoint_every if checkpoint_every is not None else default_every(config)
         checkpoints = Checkpoints(checkpoint_dir, every=every, header=header, device=device)
     saved = checkpoints.load() if checkpoints is not None and resume else None
