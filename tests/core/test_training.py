@@ -95,7 +95,7 @@ def _loss_and_grads(sparse, x, W_enc, b_enc, W_dec, y, dead, k, k_aux=20):
     e_hat = sparse_decode(aux_values, aux_indices, wd)
     loss = (y_hat - y).pow(2).sum() + 0.1 * (e_hat - (y - y_hat).detach()).pow(2).sum()
     loss.backward()
-    return loss.detach(), indices, aux_indices, [t.grad for t in leaves]
+    return loss.detach(), indices, (aux_indices, aux_values.detach()), [t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("sparse", [True, "slots"])
@@ -106,18 +106,21 @@ def test_topk_encode_matches_dense_autograd(n_dead, sparse):
         dead = torch.zeros_like(problem[5])
         dead[[5, 77, 300]] = True
         problem[5] = dead
-    loss, idx, aux_idx, grads = _loss_and_grads(sparse, *problem)
-    ref_loss, ref_idx, ref_aux_idx, ref_grads = _loss_and_grads(False, *problem)
+    loss, idx, (aux_idx, aux_val), grads = _loss_and_grads(sparse, *problem)
+    ref_loss, ref_idx, (ref_aux_idx, ref_aux_val), ref_grads = _loss_and_grads(False, *problem)
     # the same features per token (the order within a row is not specified)
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
-    # AuxK candidates: the same dead features with a positive pre-activation (the CPU path
-    # searches only dead columns, so it leaves out the zero-valued fillers the reference returns)
-    x, W_enc, b_enc, dead = problem[0], problem[1], problem[2], problem[5]
-    live = (F.linear(x, W_enc, b_enc) > 0) & dead
-    for r, (row, ref_row) in enumerate(zip(aux_idx, ref_aux_idx, strict=True)):
-        assert {i for i in row.tolist() if live[r, i]} == {
-            i for i in ref_row.tolist() if live[r, i]
+    # AuxK candidates: the same dead features with a positive value (the CPU path returns
+    # them dense over the dead columns, 0 outside each token's k_aux largest; the reference
+    # returns k_aux pairs with zero-valued fillers)
+    for r in range(len(aux_idx)):
+        got = {i for i, v in zip(aux_idx[r].tolist(), aux_val[r].tolist(), strict=True) if v > 0}
+        want = {
+            i
+            for i, v in zip(ref_aux_idx[r].tolist(), ref_aux_val[r].tolist(), strict=True)
+            if v > 0
         }
+        assert got == want
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for name, g, ref in zip(("x", "W_enc", "b_enc", "W_dec"), grads, ref_grads, strict=True):
         assert _rel(g, ref) < GRAD_RTOL, (name, _rel(g, ref))

@@ -109,7 +109,10 @@ def sparse_decode_loss(
     """
     y_hat = sparse_decode(values, indices, W_dec, b_dec, slots=slots)
     e_hat = None
-    if dead is not None and aux_values is not None:
+    if dead is not None and aux_values is not None and slots.aux_columns is not None:
+        # candidates dense over the dead columns (the CPU): one small matmul
+        e_hat = aux_values @ W_dec.index_select(0, slots.aux_columns)
+    elif dead is not None and aux_values is not None:
         e_hat = F.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values, mode="sum")
     return topk_loss(
         x, y, y_hat, e_hat, values, indices, W_dec.shape[0], W_skip, dead, k_aux, auxk_alpha
