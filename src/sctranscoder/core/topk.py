@@ -493,18 +493,9 @@ class _StackedSparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, W_dec, indices, slots):
-        L, B, k = values.shape
-        n_features, d_out = W_dec.shape[1:]
         ctx.slots = slots
         ctx.save_for_backward(values, W_dec, indices)
-        flat = _offset(indices, n_features).view(L * B, k)
-        y = F.embedding_bag(
-            flat,
-            W_dec.reshape(L * n_features, d_out),
-            per_sample_weights=values.reshape(L * B, k),
-            mode="sum",
-        )
-        return y.view(L, B, d_out)
+        return _stacked_embedding_bag(values, indices, W_dec)
 
     @staticmethod
     def backward(ctx, grad_y):

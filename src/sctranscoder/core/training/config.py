@@ -108,8 +108,8 @@ class TrainingConfig:
         stream (answer positions are few: about 3% of the tokens on the embedded default).
         Measured on the embedded default at 10**6 tokens per layer
         (``benchmarks/answer_faithfulness.py``): validation cells whose answer the replacement
-        keeps, 0.79 prompts only, 0.94 at weight 1, 0.99 at weight 4, with the FVU of every
-        layer within 0.001.
+        keeps, 0.79 prompts only, 0.96 at weight 1, 0.97 at weight 4 (of 70 cells: 55, 67
+        and 68), with the FVU of every layer within 0.001.
     """
 
     activation: Activation = "topk"
