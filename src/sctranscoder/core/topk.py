@@ -5,7 +5,7 @@ forward/backward of a TopK transcoder's encoder and decoder used in training. To
   values), on the CPU in two stages: the maximum of each group of ``g`` features, the ``k`` best
   groups, then ``k`` of their ``k g`` members. No value outside the ``k`` groups with the largest
   maxima can be among the ``k`` largest, so the result is exact. Measured on this project's
-  2-core CPU (2,048 x 1,024 float32, k = 32): 4.4 ms against 7.3 ms for ``torch.topk``
+  2-core CPU (2,048 x 1,024 float32, k = 32): 4.0 ms against 6.7 ms for ``torch.topk``
   (``benchmarks/training_step.py``).
 * :class:`TopKSlots`: the features each token selected, sorted once by feature into a CSR
   ``(n_features, batch)`` matrix that every weight gradient over the same selection reuses
@@ -255,7 +255,7 @@ class _SparseDecode(torch.autograd.Function):
 
 #: How :func:`encoder_weight_grad` computes by default, per device type (others: ``"sparse_mm"``).
 #: Chosen by measurement (``benchmarks/training_step.py``; see ``benchmarks/README.md``).
-WEIGHT_GRAD_METHODS = {"cpu": "sparse_mm", "cuda": "embedding_bag"}
+WEIGHT_GRAD_METHODS = {"cpu": "csr", "cuda": "embedding_bag"}
 
 
 def encoder_weight_grad(

@@ -77,7 +77,9 @@ class TrainingConfig:
         How a TopK step is computed; the same numbers up to float rounding.
         ``"sparse"``: the encoder's backward touches only the ``k`` selected features per token
         (:func:`~sctranscoder.core.topk.topk_encode`) and decoding gathers ``k`` decoder
-        rows per token (``embedding_bag``); no ``(batch, n_features)`` tensor in the backward.
+        rows per token (``embedding_bag``); the weights' gradients come from the selected
+        features only (no ``(batch, n_features)`` gradient of a weight; on the CPU the decoded
+        values' gradient is one ``(batch, n_features)`` product, measured faster there).
         ``"dense"``: the codes are scattered into ``(batch, n_features)`` and decoded by a matmul,
         with plain autograd (the reference; on a GPU, in bf16 under ``autocast``, matmuls over
         all features beat gathers and scatters). ``"auto"`` (default): dense on CUDA, sparse
