@@ -154,6 +154,16 @@ def test_resume_of_another_run_is_refused_and_writes_nothing(
     assert _snapshot(tmp_path) == before
 
 
+def test_a_checkpoint_from_before_stacking_reads_as_per_layer(tmp_path):
+    # checkpoints written before TrainingConfig(stack_layers=...) have no "stacked" entry
+    old = ckpt.run_header(CONFIG, LAYERS, d_in=D, d_out=D)
+    del old["stacked"]
+    ckpt.check_header(dict(old), ckpt.run_header(CONFIG, LAYERS, d_in=D, d_out=D), tmp_path)
+    stacked = ckpt.run_header(CONFIG, LAYERS, d_in=D, d_out=D, stacked=True)
+    with pytest.raises(ValueError, match="stacked was False, is True"):
+        ckpt.check_header(old, stacked, tmp_path)
+
+
 def test_resume_with_another_number_of_ranks_is_refused(neox, interrupted, tmp_path):
     doc = interrupted
     doc["world_size"] = 2

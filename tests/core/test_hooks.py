@@ -75,3 +75,18 @@ def test_shortcuts_record_what_the_full_forward_computes(make, parallel, layers)
             torch.testing.assert_close(a[real], b[real], rtol=1e-5, atol=1e-6)
     # the top block's attention is skipped exactly when the MLP reads the block's input
     assert (len(calls) == 0) == parallel
+
+
+def test_a_bare_gpt_neox_base_model_is_read_the_same_way():
+    lm = tiny_neox(n_layers=2)
+    base = lm.gpt_neox  # GPTNeoXModel, without the LM head
+    ids, mask = next(random_prompts(4, batch=3, seq=20))
+    real = mask.bool()
+    with capture_mlp_io(lm, [1]) as store:
+        run_to_layers(lm, ids, causal_mask(mask))
+        want = dict(store)
+    with capture_mlp_io(base, [1]) as store:
+        run_to_layers(base, ids, causal_mask(mask))
+        got = dict(store)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a[real], b[real])

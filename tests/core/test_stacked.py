@@ -175,3 +175,16 @@ def test_which_path_trains():
         TrainingConfig(stack_layers="yes")
     # stored configs keep the choice
     assert TrainingConfig.from_dict(TrainingConfig(stack_layers=True).to_dict()).stack_layers
+
+
+@pytest.mark.parametrize(("n_dead", "k_aux"), [(0, 4), (3, 0)])
+def test_stacked_auxk_with_nothing_to_select_decodes_zero(n_dead, k_aux):
+    x, W_enc, b_enc, W_dec, _ = _weights(L=2, n=6, d_in=5, d_out=4, n_features=16)
+    dead = torch.zeros(2, 16, dtype=torch.bool)
+    dead[0, :n_dead] = True
+    y, _values, _, aux_y, aux_values, _ = stacked_topk(
+        x, W_enc, b_enc, W_dec, 2, dead=dead, k_aux=k_aux
+    )
+    assert aux_values.shape == (2, 6, 0)
+    assert torch.equal(aux_y, torch.zeros(2, 6, 4))
+    assert y.shape == (2, 6, 4)

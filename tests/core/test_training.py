@@ -154,6 +154,29 @@ def test_topk_select_takes_two_stages_on_the_cpu():
     assert _group_size(96, 4) == 4
 
 
+def test_topk_encode_backward_in_half_precision_on_the_cpu():
+    # the CPU's CSR product has no bf16/fp16 kernel: the weight gradients fall back to COO
+    x, W_enc, b_enc, W_dec, y, dead, k = _random_problem(n=64, n_features=128, k=8)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (W_enc, b_enc, W_dec)]
+        slots = TopKSlots(W_enc.shape[0])
+        out = topk_encode(x.to(dtype), *leaves[:2], k, dead=dead, k_aux=4, slots=slots)
+        y_hat = sparse_decode(out[0], out[1], leaves[2], slots=slots)
+        loss = (y_hat.float() - y).pow(2).sum() + out[2].float().sum()
+        loss.backward()
+        grads[dtype] = [t.grad.float() for t in leaves]
+    for got, want in zip(grads[torch.bfloat16], grads[torch.float32], strict=True):
+        assert _rel(got, want) < 0.1  # bf16 rounding (and a few different TopK picks)
+
+
+def test_slots_forget_aux_columns_when_refilled():
+    slots = TopKSlots(8)
+    slots.aux_columns = torch.tensor([1, 2])
+    slots.set(torch.zeros(3, 2, dtype=torch.long))
+    assert slots.aux_columns is None
+
+
 def test_topk_encode_gradcheck_float64():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 5, dtype=torch.float64, generator=gen, requires_grad=True)

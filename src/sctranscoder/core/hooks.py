@@ -80,7 +80,10 @@ def _parallel_block(model: nn.Module, layer: int) -> nn.Module | None:
     """
     if family(model) != "gpt_neox" or not getattr(model.config, "use_parallel_residual", False):
         return None
-    block = model.gpt_neox.layers[layer]
+    blocks = getattr(getattr(model, "gpt_neox", model), "layers", None)  # the LM or its base
+    if blocks is None or layer >= len(blocks):
+        return None
+    block = blocks[layer]
     if not (hasattr(block, "mlp") and hasattr(block, "post_attention_layernorm")):
         return None
     return block

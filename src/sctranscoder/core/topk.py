@@ -87,9 +87,10 @@ class TopKSlots:
         self._pattern: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def set(self, indices: torch.Tensor) -> None:
-        """Hold ``indices`` (``(batch, k)``) from now on."""
+        """Hold ``indices`` (``(batch, k)``) from now on (and forget any AuxK columns)."""
         self.indices = indices
         self._pattern = None
+        self.aux_columns = None
 
     def _csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(order, crow, col)``: slots sorted by feature, row starts and each slot's token."""
@@ -119,7 +120,7 @@ class TopKSlots:
 
     def weight_grad(self, values: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """``(n_features, rhs.shape[1])``: each feature's sum of ``values``-weighted rows of ``rhs``."""
-        if rhs.device.type == "cpu":
+        if _csr_ok(rhs):
             return self.csr_product(values, rhs)
         return encoder_weight_grad(self.indices, values, rhs, self.n_features)
 
@@ -127,6 +128,13 @@ class TopKSlots:
         """``(n_features,)``: each feature's sum of ``values``."""
         out = torch.zeros(self.n_features, dtype=values.dtype, device=values.device)
         return out.index_add_(0, self.indices.reshape(-1), values.reshape(-1))
+
+
+def _csr_ok(rhs: torch.Tensor) -> bool:
+    """Whether the CSR product runs for ``rhs``: on the CPU, in float32 or float64 (torch's CPU
+    CSR matmul has no bf16/fp16 kernel).
+    """
+    return rhs.device.type == "cpu" and rhs.dtype in (torch.float32, torch.float64)
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -276,10 +284,13 @@ def encoder_weight_grad(
     * ``"embedding_bag"``: the weight gradient of ``embedding_bag(indices, W, g)`` with ``x`` as
       its output gradient (the same sum; a sorted segment reduction on CUDA);
     * ``"dense"``: scatter ``g`` into ``(batch, n_features)`` and one matmul (in ``x``'s dtype);
-    * ``None``: :data:`WEIGHT_GRAD_METHODS` for ``x``'s device.
+    * ``None``: :data:`WEIGHT_GRAD_METHODS` for ``x``'s device (``"sparse_mm"`` instead of
+      ``"csr"`` for half-precision ``x``).
     """
     if method is None:
         method = WEIGHT_GRAD_METHODS.get(x.device.type, "sparse_mm")
+        if method == "csr" and not _csr_ok(x):
+            method = "sparse_mm"
     n, kk = indices.shape
     if method == "sparse_mm":
         rows = torch.arange(n, device=x.device).repeat_interleave(kk)
@@ -539,7 +550,10 @@ def stacked_topk(
         y = _stacked_embedding_bag(values, indices, W_dec)
     if dead is None:
         return y, values, indices, None, None, None
-    aux_y = _stacked_embedding_bag(aux_values, aux_indices, W_dec)
+    if aux_values.shape[-1] == 0:  # no feature dead (or k_aux = 0): nothing to decode
+        aux_y = W_dec.new_zeros(L, x.shape[1], W_dec.shape[2])
+    else:
+        aux_y = _stacked_embedding_bag(aux_values, aux_indices, W_dec)
     return y, values, indices, aux_y, aux_values, aux_indices
 
 

@@ -241,8 +241,9 @@ def check_header(doc: dict[str, Any], header: dict[str, Any], directory: Path) -
         if then != now:
             diffs.append(f"config.{name} was {then!r}, is {now!r}")
     for name in ("layers", "d_in", "d_out", "stacked"):
-        if doc.get(name, False) != header.get(name, False):
-            diffs.append(f"{name} was {doc[name]!r}, is {header[name]!r}")
+        then, now = doc.get(name, False), header.get(name, False)  # no "stacked": per layer
+        if then != now:
+            diffs.append(f"{name} was {then!r}, is {now!r}")
     for name in sorted(set(doc["identity"]) | set(header["identity"])):
         then, now = doc["identity"].get(name), header["identity"].get(name)
         if then != now:

@@ -323,6 +323,8 @@ class Trainer:
         for layer, tc in self.transcoders.items():
             tc.load_state_dict(state["transcoders"][layer])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a checkpoint's own choice is not kept
+            group["fused"] = self.device.type in FUSED_ADAM_DEVICES
         for layer in self.layers:
             self.since_fired[layer].copy_(state["since_fired"][layer])
             self._any_dead[layer] = bool(state["any_dead"][layer])
