@@ -37,7 +37,7 @@ from .._validate import check_bool, check_positive_int, check_seed
 from ._circuit import _target_label
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from anndata import AnnData
 
@@ -761,24 +761,35 @@ def _enriched_terms(
     return out
 
 
-def _attributions(
-    adata: AnnData, activations_key: str, n_top: int, layers: list[int]
-) -> dict[str, dict]:
-    """Counterfactual gene attributions (:func:`sctranscoder.tl.gene_attribution`) by feature."""
-    out = {}
+def _current_records(
+    adata: AnnData, kind: str, wanted: Callable[[dict], bool]
+) -> Iterator[tuple[str, dict]]:
+    """``(key, record)`` of every record of ``kind`` in ``adata.uns`` that is ``wanted`` and was
+    made with the transcoders it holds now; a stale one is left out with a warning.
+    """
     for key, value in adata.uns.items():
-        if record_kind(value) != "gene attribution":
-            continue
-        params = value.get("params", {})
-        if str(params.get("activations_key", activations_key)) != activations_key:
-            continue
-        if int(params.get("layer", -1)) not in layers:
+        if record_kind(value) != kind or not wanted(value.get("params", {})):
             continue
         try:
             check_current(adata, key, value)
         except ValueError as err:
             logg.warning(f"left out adata.uns[{key!r}]: {err}")
             continue
+        yield key, value
+
+
+def _attributions(
+    adata: AnnData, activations_key: str, n_top: int, layers: list[int]
+) -> dict[str, dict]:
+    """Counterfactual gene attributions (:func:`sctranscoder.tl.gene_attribution`) by feature."""
+    out = {}
+
+    def wanted(params: dict) -> bool:
+        of = str(params.get("activations_key", activations_key))
+        return of == activations_key and int(params.get("layer", -1)) in layers
+
+    for key, value in _current_records(adata, "gene attribution", wanted):
+        params = value.get("params", {})
         genes = pd.DataFrame(value["genes"]).head(n_top)
         feature = str(params.get("feature", ""))
         out[feature] = {
@@ -798,16 +809,11 @@ def _connections(adata: AnnData, rec: dict, layers: list[int]) -> dict[str, list
     """
     tkey = str(rec["params"].get("transcoders_key", ""))
     out: dict[str, list] = {}
-    for key, value in adata.uns.items():
-        if record_kind(value) != "feature connections":
-            continue
-        if str(value.get("params", {}).get("transcoders_key", tkey)) != tkey:
-            continue
-        try:
-            check_current(adata, key, value)
-        except ValueError as err:
-            logg.warning(f"left out adata.uns[{key!r}]: {err}")
-            continue
+
+    def wanted(params: dict) -> bool:
+        return str(params.get("transcoders_key", tkey)) == tkey
+
+    for _key, value in _current_records(adata, "feature connections", wanted):
         table = pd.DataFrame(value["connections"])
         for feature, rows in table.groupby("feature", sort=False):
             out.setdefault(str(feature), []).extend(

@@ -184,9 +184,29 @@ class Trainer:
         cfg = self.config
         # no feature can be dead before dead_tokens tokens: skip AuxK without looking
         may_be_dead = cfg.auxk_alpha > 0 and self.log.tokens > self.dead_tokens
-        if self.stack is not None:
-            self._stacked_step(X, Y, rows, may_be_dead)
-            return
+        if self.stack is None:
+            losses, fvus, fired = self._layer_losses(X, Y, rows, may_be_dead)
+        else:
+            losses, fvus, fired = self._stacked_losses(X, Y, rows, may_be_dead)
+        with self.timer("optimizer"):
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.timer("backward"):
+            losses.sum().backward()
+        with self.timer("communication"):
+            _all_reduce_step(self.params, [fired])
+        self._update()
+        with self.timer("other"):
+            self._since_fired.add_(cfg.batch_size).masked_fill_(fired > 0, 0)
+            self._pending.append(torch.cat([losses, fvus]).detach())
+        self.log.steps += 1
+        self.log.tokens += cfg.batch_size
+        if self.log.steps % LOG_EVERY == 0:
+            self.flush()
+
+    def _layer_losses(
+        self, X: LayerTensors, Y: LayerTensors, rows: torch.Tensor, may_be_dead: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per layer in turn: losses ``(L,)``, FVUs ``(L,)`` and fire counts ``(L, n_features)``."""
         losses, fvus, fired = [], [], []
         for layer, tc in self.transcoders.items():
             with self.timer("other"):
@@ -197,26 +217,12 @@ class Trainer:
             losses.append(loss)
             fvus.append(fvu)
             fired.append(f)
-        with self.timer("optimizer"):
-            self.optimizer.zero_grad(set_to_none=True)
-        with self.timer("backward"):
-            torch.stack(losses).sum().backward()
-        with self.timer("communication"):
-            _all_reduce_step(self.params, fired)
-        self._update()
-        with self.timer("other"):
-            for layer, f in zip(self.layers, fired, strict=True):
-                self.since_fired[layer].add_(cfg.batch_size).masked_fill_(f > 0, 0)
-            self._pending.append(torch.stack(losses + fvus).detach())
-        self.log.steps += 1
-        self.log.tokens += cfg.batch_size
-        if self.log.steps % LOG_EVERY == 0:
-            self.flush()
+        return torch.stack(losses), torch.stack(fvus), torch.stack(fired)
 
-    def _stacked_step(
+    def _stacked_losses(
         self, X: LayerTensors, Y: LayerTensors, rows: torch.Tensor, may_be_dead: bool
-    ) -> None:
-        """:meth:`step` for the stack: every layer's loss in one batched computation."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_layer_losses` of the stack, every layer in one batched computation."""
         cfg = self.config
         with self.timer("other"):
             x = torch.stack([X[la].index_select(0, rows) for la in self.layers])
@@ -225,12 +231,10 @@ class Trainer:
         if may_be_dead:
             masks = [self._dead_mask(la, True) for la in self.layers]
             if any(m is not None for m in masks):
-                dead = torch.stack(
-                    [m if m is not None else torch.zeros_like(self._since_fired[0], dtype=torch.bool)
-                     for m in masks]
-                )  # fmt: skip
+                none = torch.zeros_like(self._since_fired[0], dtype=torch.bool)
+                dead = torch.stack([none if m is None else m for m in masks])
         with self.timer("encoder"):
-            losses, fvu, fired = self.stack.loss(
+            return self.stack.loss(
                 x,
                 y,
                 dead,
@@ -239,20 +243,6 @@ class Trainer:
                 dense=cfg.resolved_kernels(self.device) == "dense",
                 compute_dtype=AUTOCAST_DTYPES.get(cfg.autocast),
             )
-        with self.timer("optimizer"):
-            self.optimizer.zero_grad(set_to_none=True)
-        with self.timer("backward"):
-            losses.sum().backward()
-        with self.timer("communication"):
-            _all_reduce_step(self.params, [fired])
-        self._update()
-        with self.timer("other"):
-            self._since_fired.add_(cfg.batch_size).masked_fill_(fired > 0, 0)
-            self._pending.append(torch.cat([losses, fvu]).detach())
-        self.log.steps += 1
-        self.log.tokens += cfg.batch_size
-        if self.log.steps % LOG_EVERY == 0:
-            self.flush()
 
     def _update(self) -> None:
         """Adam step; ReLU transcoders keep unit-norm decoder rows."""
@@ -297,12 +287,9 @@ class Trainer:
         self.flush(dead_flags=False)
         log = self.log
         return {
-            "transcoders": {
-                la: {n: t.detach().clone() for n, t in m.state_dict().items()}
-                for la, m in self._layer_modules().items()
-            },
+            "transcoders": {la: m.state_dict() for la, m in self._layer_modules().items()},
             "optimizer": self.optimizer.state_dict(),
-            "since_fired": {la: t.clone() for la, t in self.since_fired.items()},
+            "since_fired": dict(self.since_fired),
             "any_dead": dict(self._any_dead),
             # float64 holds the host's Python floats exactly
             "log": {
@@ -371,8 +358,8 @@ class _LayerView:
         self._weights = weights
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights by name (views)."""
-        return dict(self._weights)
+        """The weights by name (detached views: saved with the stack's storage, not copied)."""
+        return {name: value.detach() for name, value in self._weights.items()}
 
 
 def _all_reduce_step(params: list[nn.Parameter], fired: list[torch.Tensor]) -> None:
